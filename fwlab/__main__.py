@@ -1,0 +1,5 @@
+import sys
+
+from fwlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The ``fwlab`` command: a table of subcommands over :mod:`fwlab.training` and the registry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from fwlab.errors import FwlabError
+from fwlab.registry import KINDS, PluginImportWarning, default_registry
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE_OR_MODULE",
+        help="load a local plugin file (path/to/file.py) or module; repeatable "
+        "(also: the FWLAB_PLUGINS environment variable)",
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    _add_common(parser)
+    parser.add_argument("--model", help="a model or a cell (see `fwlab list`)")
+    parser.add_argument("--data", help="a datamodule (see `fwlab list data`)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a YAML file merged before the key=value overrides; repeatable",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    if command == "fit":
+        parser.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            help="continue a run from its last checkpoint, in its own directory",
+        )
+    else:
+        parser.add_argument(
+            "--ckpt",
+            metavar="PATH",
+            help="checkpoint to evaluate; its stored config supplies --model and --data",
+        )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. model.hidden_size=50 data.batch_size=64 "
+        "trainer.max_steps=2000 logger=csv",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fwlab",
+        description="Train fast-weights and memory-augmented recurrent networks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command, help_text in (
+        ("fit", "train, then test the best checkpoint"),
+        ("validate", "evaluate on the validation split"),
+        ("test", "evaluate on the test split"),
+    ):
+        _add_run_arguments(commands.add_parser(command, help=help_text), command)
+    list_parser = commands.add_parser("list", help="list the registered plugins")
+    list_parser.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
+    _add_common(list_parser)
+    return parser
+
+
+def list_plugins(kind: str | None, plugins: Sequence[str]) -> int:
+    registry = default_registry(plugins)
+    for each in [kind] if kind else KINDS:
+        rows = registry.describe(each)
+        print(f"{each}:")
+        width = max((len(name) for name, _, _ in rows), default=0)
+        for name, description, _ in rows:
+            print(f"  {name:<{width}}  {description}")
+    return 0
+
+
+_default_format_warning = warnings.formatwarning
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], *args: object, **kwargs: object
+) -> str:
+    if issubclass(category, PluginImportWarning):
+        return f"fwlab: warning: {message}\n"
+    return _default_format_warning(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return list_plugins(args.kind, args.plugin)
+        from fwlab.training import Invocation, run  # imports Lightning: only when needed
+
+        return run(
+            Invocation(
+                command=args.command,
+                model=args.model,
+                data=args.data,
+                overrides=list(args.overrides),
+                config_files=list(args.config),
+                plugins=list(args.plugin),
+                ckpt=getattr(args, "ckpt", None),
+                resume=getattr(args, "resume", None),
+                print_config=args.print_config,
+            )
+        )
+    except FwlabError as error:
+        print(f"fwlab: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Errors fwlab reports to the user as one clear line (no traceback) and exit status 2."""
+
+
+class FwlabError(Exception):
+    """Base of every error that is the user's input, not a bug in fwlab."""
+
+
+class RegistryError(FwlabError):
+    """An unknown, duplicate or broken plugin name."""
+
+
+class ConfigError(FwlabError):
+    """An unknown key, a bad value, or a missing file in the configuration."""
+
+
+class IncompatibleError(FwlabError):
+    """A model and a datamodule that cannot be trained together."""

@@ -1,0 +1,1 @@
+"""Models that ship with the framework itself (not tied to one paper)."""

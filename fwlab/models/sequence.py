@@ -1,0 +1,147 @@
+"""The generic sequence model: input encoder -> recurrent cell -> output head.
+
+``fwlab fit --model <cell>`` trains this model around that cell. The encoder follows the
+datamodule's input kind (an embedding for tokens, a linear map for vectors); the head, the loss
+and the metrics follow its target kind (:mod:`fwlab.targets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fwlab.cell import Cell
+from fwlab.errors import ConfigError, IncompatibleError
+from fwlab.optim import OptimConfig, make_optimizer
+from fwlab.spec import DataSpec
+from fwlab.targets import get_target
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SequenceModelConfig:
+    # Width of the learned token embedding or of the linear map of input vectors; 0 feeds
+    # one-hot tokens or raw vectors to the cell. Ba et al. embed the 37 tokens in 100 dims.
+    embedding_size: int = 100
+    # ReLU layer between the cell and the softmax (Ba et al.: 100 units); 0 for none.
+    head_hidden_size: int = 100
+
+
+class SequenceModel(L.LightningModule):
+    """A recurrent cell between an input encoder and an output head (use --model <cell>)."""
+
+    Config = SequenceModelConfig
+
+    def __init__(
+        self, cell: Cell, spec: DataSpec, config: SequenceModelConfig, optim: OptimConfig
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.optim_config = optim
+        self.target = get_target(spec.target_kind)
+        self.encoder = _make_encoder(spec, config.embedding_size)
+        self.cell = cell
+        head_input = cell.output_size
+        layers: list[nn.Module] = []
+        if config.head_hidden_size > 0:
+            layers += [nn.Linear(head_input, config.head_hidden_size), nn.ReLU()]
+            head_input = config.head_hidden_size
+        layers.append(nn.Linear(head_input, self.target.output_size(spec)))
+        self.head = nn.Sequential(*layers)
+        # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix.
+        self.metrics = nn.ModuleDict(
+            {f"{split}_metrics": self.target.metrics(spec) for split in SPLITS}
+        )
+
+    @staticmethod
+    def encoder_output_size(spec: DataSpec, embedding_size: int) -> int:
+        return embedding_size if embedding_size > 0 else spec.input_size
+
+    @classmethod
+    def build(cls, config: DictConfig, spec: DataSpec, registry: Any) -> SequenceModel:
+        """Build from a resolved run config; ``config.model.name`` is the cell's name."""
+        name = config.model.name
+        if ("cell", name) not in registry:
+            raise ConfigError(
+                f"model.name='{name}' is not a cell; the generic sequence model is chosen by "
+                f"naming its cell, e.g. --model lstm (cells: {', '.join(registry.names('cell'))})"
+            )
+        cell_cls = registry.get("cell", name)
+        values = OmegaConf.to_container(config.model, resolve=True)
+        cell_config = cell_cls.Config(**{f.name: values[f.name] for f in fields(cell_cls.Config)})
+        model_config = cls.Config(**{f.name: values[f.name] for f in fields(cls.Config)})
+        get_target(spec.target_kind).output_size(spec)  # fails early on a bad pairing
+        if spec.input_kind not in ("tokens", "vectors"):
+            raise IncompatibleError(f"input kind '{spec.input_kind}' is not tokens or vectors")
+        cell_cls.check_compatible(cell_config, spec)
+        cell = cell_cls(cls.encoder_output_size(spec, model_config.embedding_size), cell_config)
+        optim = OptimConfig(**OmegaConf.to_container(config.optim, resolve=True))
+        return cls(cell, spec, model_config, optim)
+
+    # -- computation ------------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` (B, T) tokens or (B, T, I) vectors -> head outputs."""
+        outputs, _ = self.cell(self.encoder(inputs))  # (B, T, H_out)
+        return self.head(self.target.select(outputs))
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        inputs, targets = batch
+        predictions = self(inputs)
+        loss = self.target.loss(predictions, targets)
+        metrics = self.metrics[f"{split}_metrics"]
+        metrics.update(predictions.detach(), targets)
+        on_step = split == "train"
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=not on_step,
+            batch_size=targets.shape[0],
+        )
+        self.log_dict(
+            {f"{split}/{k}": m for k, m in metrics.items()},
+            on_step=False,
+            on_epoch=True,
+            prog_bar=split != "test",
+        )
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters(), self.optim_config)
+
+
+class _OneHot(nn.Module):
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(tokens, self.num_tokens).float()
+
+
+def _make_encoder(spec: DataSpec, embedding_size: int) -> nn.Module:
+    if spec.input_kind == "tokens":
+        if embedding_size > 0:
+            return nn.Embedding(spec.input_size, embedding_size)
+        return _OneHot(spec.input_size)
+    if embedding_size > 0:
+        return nn.Linear(spec.input_size, embedding_size)
+    return nn.Identity()

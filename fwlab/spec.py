@@ -1,0 +1,27 @@
+"""What a datamodule produces, declared so that models can check a pairing before training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+InputKind = Literal["tokens", "vectors"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The contract between a datamodule and a model.
+
+    Batches are ``(inputs, targets)``:
+
+    - ``input_kind="tokens"``: inputs are int64 ``(B, T)`` in ``[0, input_size)``;
+    - ``input_kind="vectors"``: inputs are float ``(B, T, input_size)``;
+    - ``target_kind`` names an entry of :data:`fwlab.targets.TARGETS`
+      (``"class_per_sequence"``: targets are int64 ``(B,)`` in ``[0, num_classes)``).
+    """
+
+    input_kind: InputKind
+    input_size: int  # vocabulary size for tokens, feature size for vectors
+    target_kind: str
+    num_classes: int | None = None  # for class targets
+    seq_len: int | None = None  # None when sequences vary in length

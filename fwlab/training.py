@@ -1,0 +1,241 @@
+"""``fwlab fit | validate | test``: from a composed config to a Lightning run in its own dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from fwlab.config import GENERIC_MODEL, LoggerConfig, compose, to_plain, to_yaml
+from fwlab.errors import ConfigError
+from fwlab.loggers import WANDB_ID_FILE, make_logger
+from fwlab.registry import Registry, default_registry
+from fwlab.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, create_run_dir, run_dir_of
+from fwlab.targets import get_target
+
+CHECKPOINT_CONFIG_KEY = "fwlab_config"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class Invocation:
+    """One ``fwlab`` command line."""
+
+    command: str  # fit | validate | test
+    model: str | None = None
+    data: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    config_files: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
+    ckpt: str | None = None  # validate/test: the checkpoint to evaluate
+    resume: str | None = None  # fit: a run directory (or a checkpoint in one) to continue
+    print_config: bool = False
+
+
+class SaveConfigInCheckpoint(Callback):
+    """Stores the resolved config in every checkpoint, so ``fwlab test --ckpt`` can rebuild the
+    model and data from the checkpoint alone (and a requeued job finds its W&B run id)."""
+
+    def __init__(self, config: dict[str, Any], run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.config
+        id_file = self.run_dir / WANDB_ID_FILE
+        if id_file.exists():
+            checkpoint["fwlab_wandb_run_id"] = id_file.read_text().strip()
+
+
+class ValidateOnLastStep(Callback):
+    """Validates after the last training step when ``max_steps`` ends fit in mid-epoch.
+
+    Lightning validates at epoch ends; a run stopped by ``trainer.max_steps`` would otherwise end
+    with no validation metric and so no best checkpoint. Setting ``should_stop`` on the last step
+    makes Lightning's loop validate before it stops (as it does for early stopping).
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def build_model_and_data(
+    config: DictConfig, registry: Registry
+) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """Instantiate the datamodule and the model a config names, checking they pair up."""
+    data_cls = registry.get("data", config.data.name)
+    data_values = OmegaConf.to_container(config.data, resolve=True)
+    datamodule = data_cls(
+        data_cls.Config(
+            **{f.name: data_values[f.name] for f in dataclasses.fields(data_cls.Config)}
+        )
+    )
+    name = config.model.name
+    model_cls = registry.get("model", name if ("model", name) in registry else GENERIC_MODEL)
+    model = model_cls.build(config, datamodule.spec, registry)
+    return model, datamodule
+
+
+def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, Path | None]:
+    """The config a resumed run or an evaluated checkpoint was trained with."""
+    if invocation.resume:
+        run_dir = run_dir_of(invocation.resume)
+        configs = sorted(run_dir.glob("config*.yaml"), key=lambda p: p.stat().st_mtime)
+        if not configs:
+            raise ConfigError(f"--resume {invocation.resume}: no {CONFIG_FILE} in {run_dir}")
+        return OmegaConf.to_container(OmegaConf.load(configs[-1])), str(configs[-1]), run_dir
+    if invocation.ckpt:
+        path = Path(invocation.ckpt)
+        if not path.is_file():
+            raise ConfigError(f"--ckpt {path}: no such checkpoint file")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any unreadable file
+            raise ConfigError(f"--ckpt {path}: not a readable checkpoint ({error})") from None
+        if CHECKPOINT_CONFIG_KEY not in checkpoint:
+            raise ConfigError(f"--ckpt {path}: not an fwlab checkpoint (no stored config)")
+        return checkpoint[CHECKPOINT_CONFIG_KEY], f"the config stored in {path}", None
+    return None, "", None
+
+
+def _resume_checkpoint(run_dir: Path) -> Path:
+    path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from at {path}")
+    return path
+
+
+def _write_new(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, or beside it (``name.1.yaml``...) if it exists already."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    candidate.write_text(text)
+    return candidate
+
+
+def run(invocation: Invocation) -> int:
+    """Carry out one command; returns the exit status."""
+    started = time.monotonic()
+    registry = default_registry(invocation.plugins)
+    base, base_source, resume_dir = _saved_config(invocation)
+    config = compose(
+        registry,
+        model=invocation.model,
+        data=invocation.data,
+        overrides=invocation.overrides,
+        config_files=invocation.config_files,
+        base=base,
+        base_source=base_source,
+    )
+    if invocation.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    resume_from = _resume_checkpoint(resume_dir) if resume_dir is not None else None
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model, datamodule = build_model_and_data(config, registry)
+
+    name = config.run_name or ""
+    run_dir = resume_dir or create_run_dir(
+        config.output_dir, invocation.command, config.model.name, config.data.name, name
+    )
+    plain = to_plain(config)
+    config_path = _write_new(run_dir / CONFIG_FILE, to_yaml(config))
+    logger_config = LoggerConfig(**plain["logger"])
+    logger = make_logger(logger_config, run_dir, name or run_dir.name)
+    if logger is not None:
+        logger.log_hyperparams(plain)
+
+    target = get_target(datamodule.spec.target_kind)
+    monitor = f"val/{target.monitor}"
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename="best-epoch{epoch}-step{step}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=target.monitor_mode,
+        save_last=True,
+    )
+    trainer = L.Trainer(
+        **plain["trainer"],
+        logger=logger if logger is not None else False,
+        callbacks=[checkpoints, ValidateOnLastStep(), SaveConfigInCheckpoint(plain, run_dir)],
+        default_root_dir=run_dir,
+    )
+
+    results: dict[str, float] = {}
+    evaluated: str | None = invocation.ckpt
+    if invocation.command == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        evaluated = checkpoints.best_model_path or checkpoints.last_model_path or None
+        if trainer.is_global_zero and not checkpoints.best_model_path:
+            print(f"fwlab: no '{monitor}' was logged, so the test uses the last weights")
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=evaluated)[0]
+        split = "test"
+    elif invocation.command in ("validate", "test"):
+        evaluate = trainer.validate if invocation.command == "validate" else trainer.test
+        results = evaluate(model, datamodule=datamodule, ckpt_path=invocation.ckpt)[0]
+        split = "val" if invocation.command == "validate" else "test"
+    else:
+        raise ConfigError(f"unknown command '{invocation.command}'")
+
+    wall_time = time.monotonic() - started
+    if trainer.is_global_zero:
+        record = {
+            "command": invocation.command,
+            "model": config.model.name,
+            "data": config.data.name,
+            "checkpoint": evaluated,
+            "metrics": results,
+            "wall_time_s": wall_time,
+        }
+        _write_new(run_dir / RESULTS_FILE, json.dumps(record, indent=2) + "\n")
+        _print_summary(
+            invocation.command,
+            config,
+            run_dir,
+            config_path,
+            evaluated,
+            target.summary(results, split),
+            wall_time,
+        )
+    if logger is not None:
+        logger.finalize("success")
+    return 0
+
+
+def _print_summary(
+    command: str,
+    config: DictConfig,
+    run_dir: Path,
+    config_path: Path,
+    checkpoint: str | None,
+    lines: list[str],
+    wall_time: float,
+) -> None:
+    rule = "─" * 72
+    minutes, seconds = divmod(int(round(wall_time)), 60)
+    print(rule)
+    print(f"fwlab {command}: {config.model.name} on {config.data.name}, seed {config.seed}")
+    print(f"run directory:   {run_dir}")
+    print(f"config:          {config_path}")
+    print(f"checkpoint:      {checkpoint or '(current weights)'}")
+    for line in lines:
+        print(line)
+    print(f"wall time:       {minutes}m {seconds:02d}s")
+    print(rule)

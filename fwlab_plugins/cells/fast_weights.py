@@ -1,0 +1,159 @@
+"""Fast weights (Ba, Hinton, Mnih, Leibo & Ionescu 2016, "Using Fast Weights to Attend to the
+Recent Past", arXiv 1610.06258).
+
+A ReLU RNN with slow weights W (recurrent), C (input) and a per-sequence fast-weight matrix A(t),
+a Hebbian trace of the recent hidden states. Going from h(t) to h(t+1) (the paper's eqs. 1-2):
+
+    A(t)         = λ A(t-1) + η h(t) h(t)ᵀ                                   (A(0) = 0)
+    h_0(t+1)     = f( W h(t) + C x(t) )                                      boundary state
+    h_{s+1}(t+1) = f( LN( W h(t) + C x(t) + A(t) h_s(t+1) ) )                s = 0 .. S-1
+    h(t+1)       = h_S(t+1)
+
+f is ReLU and LN layer normalisation over the hidden units of each sample (not over the
+batch, a known bug in public TensorFlow ports). Note the paper's indexing: A(t) already holds
+h(t), the state the step starts from. (shared/PAPERS.md writes the same recursion shifted by one
+step, A(t+1) = λA(t) + η h(t)h(t)ᵀ with A(t) used for h(t+1); we follow the paper's eq. 1.)
+
+Two forms compute the same function:
+
+- **matrix**: keep A as a (B, H, H) tensor; O(H²) per step, whatever the length.
+- **memory**: unroll A,  A(t) h = η Σ_{τ≤t} λ^{t-τ} h(τ) (h(τ)ᵀ h),  a decayed, un-normalised
+  dot-product attention over past hidden states; O(T·H) state and O(t·H) per step.
+
+``form="auto"`` picks the cheaper for the sequence: per step the matrix form costs about
+(S+1)·H² (one rank-1 update, S products) and the memory form about S·T·H (S attentions over on
+average T/2 states, two products each), so memory is chosen when T < (S+1)/S · H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fwlab.cell import Cell, CellConfig
+
+
+class FastWeightsForm(str, Enum):
+    auto = "auto"
+    matrix = "matrix"
+    memory = "memory"
+
+
+class FastWeightsMatrixState(NamedTuple):
+    h: torch.Tensor  # (B, H) hidden state h(t)
+    fast_weights: torch.Tensor  # (B, H, H) A(t-1): the trace before h(t) is added
+
+
+class FastWeightsMemoryState(NamedTuple):
+    h: torch.Tensor  # (B, H) hidden state h(t)
+    memory: torch.Tensor  # (B, n, H) h(τ) for the n steps before t, oldest first
+
+
+FastWeightsState = FastWeightsMatrixState | FastWeightsMemoryState
+
+
+@dataclass
+class FastWeightsConfig(CellConfig):
+    inner_steps: int = 1  # S, iterations of the inner loop (the paper uses 1)
+    decay: float = 0.95  # λ, decay of the fast weights (0.9-0.95 in the paper)
+    fast_learning_rate: float = 0.5  # η; 0 turns the fast weights off (the control run)
+    layer_norm: bool = True  # LN inside the inner loop
+    recurrent_init_scale: float = 0.05  # W initialised to this times the identity
+    form: FastWeightsForm = FastWeightsForm.auto  # matrix | memory | auto (cheaper for the shape)
+
+
+class FastWeightsCell(Cell):
+    """Fast-weights ReLU RNN with layer norm and an inner loop (Ba et al. 2016)."""
+
+    Config = FastWeightsConfig
+
+    def __init__(self, input_size: int, config: FastWeightsConfig) -> None:
+        super().__init__(input_size, config)
+        if config.inner_steps < 1:
+            raise ValueError(f"model.inner_steps must be at least 1, got {config.inner_steps}")
+        hidden = config.hidden_size
+        self.form = FastWeightsForm(config.form)
+        self.decay = config.decay
+        self.fast_learning_rate = config.fast_learning_rate
+        self.inner_steps = config.inner_steps
+        self.input_weights = nn.Linear(input_size, hidden)  # C (and the bias)
+        self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W
+        self.layer_norm = nn.LayerNorm(hidden) if config.layer_norm else nn.Identity()
+        with torch.no_grad():
+            self.recurrent_weights.weight.copy_(config.recurrent_init_scale * torch.eye(hidden))
+            self.input_weights.bias.zero_()
+
+    def resolve_form(self, seq_len: int | None) -> FastWeightsForm:
+        """The form used for a sequence of ``seq_len`` steps (``None``: unknown length)."""
+        if self.form is not FastWeightsForm.auto:
+            return self.form
+        if seq_len is None:
+            return FastWeightsForm.matrix  # constant cost per step, whatever comes
+        threshold = (self.inner_steps + 1) / self.inner_steps * self.hidden_size
+        return FastWeightsForm.memory if seq_len < threshold else FastWeightsForm.matrix
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        seq_len: int | None = None,
+    ) -> FastWeightsState:
+        hidden = self.hidden_size
+        h = torch.zeros(batch_size, hidden, device=device, dtype=dtype)
+        if self.resolve_form(seq_len) is FastWeightsForm.memory:
+            return FastWeightsMemoryState(h, h.new_zeros(batch_size, 0, hidden))
+        return FastWeightsMatrixState(h, h.new_zeros(batch_size, hidden, hidden))
+
+    def forward(
+        self, x: torch.Tensor, state: FastWeightsState | None = None
+    ) -> tuple[torch.Tensor, FastWeightsState]:
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype, seq_len=x.shape[1])
+        input_part = self.input_weights(x)  # (B, T, H): C x(t) + b for all t at once
+        outputs = []
+        for t in range(x.shape[1]):
+            state = self._advance(input_part[:, t], state)
+            outputs.append(state.h)
+        return torch.stack(outputs, dim=1), state
+
+    def step(
+        self, x_t: torch.Tensor, state: FastWeightsState
+    ) -> tuple[torch.Tensor, FastWeightsState]:
+        state = self._advance(self.input_weights(x_t), state)
+        return state.h, state
+
+    def _advance(self, input_part: torch.Tensor, state: FastWeightsState) -> FastWeightsState:
+        """One step from h(t) given ``input_part`` = C x(t) + b, shape (B, H)."""
+        h = state.h
+        if isinstance(state, FastWeightsMatrixState):
+            # A(t) = λ A(t-1) + η h(t) h(t)ᵀ
+            fast = self.decay * state.fast_weights + self.fast_learning_rate * (
+                h.unsqueeze(2) * h.unsqueeze(1)
+            )  # (B, H, H)
+
+            def attend(query: torch.Tensor) -> torch.Tensor:
+                return torch.bmm(fast, query.unsqueeze(2)).squeeze(2)
+
+            next_fast = fast
+        else:
+            memory = torch.cat([state.memory, h.unsqueeze(1)], dim=1)  # (B, n+1, H)
+            steps_ago = torch.arange(memory.shape[1] - 1, -1, -1, device=h.device)
+            weights = self.fast_learning_rate * self.decay ** steps_ago.to(h.dtype)  # (n+1,)
+
+            def attend(query: torch.Tensor) -> torch.Tensor:
+                # η Σ_τ λ^{t-τ} h(τ) (h(τ)ᵀ query)
+                scores = torch.einsum("bnh,bh->bn", memory, query) * weights  # (B, n+1)
+                return torch.einsum("bn,bnh->bh", scores, memory)
+
+            next_fast = memory
+
+        preactivation = self.recurrent_weights(h) + input_part  # W h(t) + C x(t) + b
+        h_inner = torch.relu(preactivation)  # h_0(t+1)
+        for _ in range(self.inner_steps):
+            h_inner = torch.relu(self.layer_norm(preactivation + attend(h_inner)))
+        return type(state)(h_inner, next_fast)

@@ -1,0 +1,54 @@
+"""Shared helpers: running the real `fwlab` command in a subprocess, on CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def fwlab_env(home: Path) -> dict[str, str]:
+    """An environment with no W&B credentials and no network use, and a quiet progress bar."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        HOME=str(home),  # no ~/.netrc with W&B credentials
+        WANDB_SILENT="true",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONWARNINGS="ignore",
+    )
+    env.pop("FWLAB_PLUGINS", None)
+    return env
+
+
+def run_fwlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run ``python -m fwlab ARGS`` and return the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fwlab", *args],
+        cwd=cwd,
+        env=env or fwlab_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = sorted(p for p in (root / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,143 @@
+"""End to end: the real `fwlab` command in a subprocess, on CPU, seeded, offline."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from .conftest import fwlab_env, only_run_dir, read_results, run_fwlab
+
+SMALL = ["data.train_size=3000", "data.val_size=500", "data.test_size=1000"]
+
+
+def metrics_rows(run_dir):
+    rows = []
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        rows += list(csv.DictReader(path.open()))
+    return rows
+
+
+@pytest.mark.parametrize("model", ["fast_weights", "lstm"])
+def test_fit_writes_a_run_and_test_reproduces_its_metric(tmp_path, model):
+    fit = run_fwlab(
+        "fit",
+        "--model",
+        model,
+        "--data",
+        "retrieval",
+        "trainer.max_steps=50",
+        "logger=csv",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert (run_dir / "config.yaml").is_file()
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    rows = metrics_rows(run_dir)
+    assert any(row.get("val/acc") for row in rows) and any(row.get("test/acc") for row in rows)
+    assert "test error:" in fit.stdout
+    fitted = read_results(run_dir)
+    assert fitted["checkpoint"] == str(best[0].resolve())
+
+    test = run_fwlab("test", "--ckpt", str(best[0]), "logger=csv", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    test_dirs = [p for p in (tmp_path / "runs").iterdir() if p != run_dir]
+    assert len(test_dirs) == 1  # a run of its own; the fit's directory is untouched
+    tested = read_results(test_dirs[0])
+    assert tested["metrics"]["test/acc"] == pytest.approx(fitted["metrics"]["test/acc"], abs=1e-6)
+    assert tested["model"] == model
+
+
+def test_a_short_seeded_run_learns(tmp_path):
+    result = run_fwlab(
+        "fit",
+        "--model",
+        "fast_weights",
+        "--data",
+        "retrieval",
+        "model.hidden_size=50",
+        "trainer.max_steps=600",
+        "optim.lr=3e-3",
+        "data.val_size=1000",
+        "data.test_size=2000",
+        "logger=csv",
+        "seed=3",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = read_results(only_run_dir(tmp_path))["metrics"]["test/acc"]
+    assert accuracy > 0.5, f"test accuracy {accuracy} after 600 steps (chance: 0.1)"
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    first = run_fwlab(
+        "fit",
+        "--model",
+        "fast_weights",
+        "--data",
+        "retrieval",
+        *SMALL,
+        "trainer.max_steps=20",
+        "logger=csv",
+        cwd=tmp_path,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    original_config = (run_dir / "config.yaml").read_text()
+    first_metrics = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+
+    resumed = run_fwlab("fit", "--resume", str(run_dir), "trainer.max_steps=40", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert only_run_dir(tmp_path) == run_dir  # the same run directory, no new one
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 40
+    assert last["fwlab_config"]["trainer"]["max_steps"] == 40
+    # Nothing the first attempt wrote was overwritten.
+    assert (run_dir / "config.yaml").read_text() == original_config
+    assert (run_dir / "config.1.yaml").is_file()
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").read_text() == first_metrics
+    steps = [int(r["step"]) for r in metrics_rows(run_dir) if r.get("train/loss_step")]
+    assert max(steps) >= 30  # the second attempt trained steps 20..39
+    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+
+
+def test_wandb_writes_offline_run_files_without_network(tmp_path):
+    result = run_fwlab(
+        "fit",
+        "--model",
+        "lstm",
+        "--data",
+        "retrieval",
+        *SMALL,
+        "trainer.max_steps=5",
+        "model.hidden_size=8",
+        cwd=tmp_path,
+        env=fwlab_env(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert offline_runs[0].name.endswith(run_id)
+    assert list(offline_runs[0].glob(f"run-{run_id}.wandb"))
+    # The W&B run received the resolved config.
+    data = (offline_runs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b"hidden_size" in data and b"train_size" in data
+
+
+def test_a_bad_resume_path_is_a_clear_error(tmp_path):
+    result = run_fwlab("fit", "--resume", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert result.returncode == 2 and "no config.yaml" in result.stderr
+
+
+def test_an_incompatible_checkpoint_path_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_text("not a checkpoint")
+    result = run_fwlab("test", "--ckpt", str(bogus), cwd=tmp_path)
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+    assert bogus.read_text() == "not a checkpoint"

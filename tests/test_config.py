@@ -1,0 +1,161 @@
+"""Composing configs: typed defaults, group files, overrides, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from fwlab.config import compose, config_dir, group_choices
+from fwlab.errors import ConfigError
+from fwlab.registry import Registry
+
+from .conftest import run_fwlab
+
+REGISTRY = Registry()
+
+
+def make(*overrides, model="fast_weights", data="retrieval", **kwargs):
+    return compose(REGISTRY, model=model, data=data, overrides=list(overrides), **kwargs)
+
+
+def test_defaults_come_from_the_plugins_and_the_group_files():
+    config = make()
+    assert config.model.name == "fast_weights" and config.data.name == "retrieval"
+    assert config.model.decay == 0.95 and config.model.inner_steps == 1
+    assert config.data.train_size == 100_000
+    assert config.logger.name == "wandb"
+    assert config.trainer.accelerator == "auto"
+
+
+def test_overrides_are_typed():
+    config = make(
+        "model.hidden_size=50",
+        "data.batch_size=64",
+        "trainer.max_steps=2000",
+        "logger=csv",
+        "optim.lr=3e-4",
+    )
+    assert config.model.hidden_size == 50 and isinstance(config.model.hidden_size, int)
+    assert config.data.batch_size == 64
+    assert config.trainer.max_steps == 2000
+    assert config.logger.name == "csv"
+    assert config.optim.lr == pytest.approx(3e-4)
+
+
+def test_lstm_has_its_own_keys():
+    config = make(model="lstm")
+    assert "forget_bias" in config.model and "decay" not in config.model
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "model.hiden_size=50",
+            "unknown config key 'model.hiden_size' (from the command line); "
+            "did you mean 'model.hidden_size'?",
+        ),
+        ("data.batch_sise=3", "did you mean 'data.batch_size'?"),
+        ("trainer.max_step=5", "did you mean 'trainer.max_steps'?"),
+        ("optim.learning_rate=1", "unknown config key 'optim.learning_rate'"),
+        ("sed=3", "did you mean 'seed'?"),
+    ],
+)
+def test_unknown_keys_name_the_key_and_the_closest_valid_one(override, expected):
+    with pytest.raises(ConfigError) as error:
+        make(override)
+    assert expected in str(error.value)
+
+
+def test_a_value_of_the_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="model.hidden_size.*the command line"):
+        make("model.hidden_size=many")
+    with pytest.raises(ConfigError, match="model.form"):
+        make("model.form=matrx")
+
+
+def test_keys_fwlab_sets_itself_are_refused_with_the_alternative():
+    with pytest.raises(ConfigError, match="trainer.logger.*logger=wandb\\|csv\\|none"):
+        make("trainer.logger=false")
+
+
+def test_an_unknown_group_choice_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean logger=csv"):
+        make("logger=cvs")
+
+
+def test_unknown_model_or_data_suggests_close_names():
+    with pytest.raises(ConfigError, match="did you mean 'fast_weights'"):
+        make(model="fastweights")
+    with pytest.raises(ConfigError, match="did you mean 'retrieval'"):
+        make(data="retrival")
+
+
+def test_a_missing_model_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no model given: pass --model"):
+        compose(REGISTRY, data="retrieval")
+
+
+def test_an_unknown_key_in_a_config_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  hidden_sise: 3\n")
+    with pytest.raises(ConfigError, match=f"model.hidden_sise.*{path}"):
+        make(config_files=[path])
+
+
+def test_a_saved_config_is_the_base_and_the_command_line_wins():
+    saved = OmegaConf.to_container(make("model.hidden_size=33"))
+    config = compose(REGISTRY, base=saved, overrides=["trainer.max_steps=7"])
+    assert config.model.hidden_size == 33 and config.trainer.max_steps == 7
+
+
+def every_yaml():
+    return sorted(config_dir().rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", every_yaml(), ids=lambda p: str(p.relative_to(config_dir())))
+def test_every_yaml_opens_with_its_command_and_composes(path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# fwlab "), f"{path} must open with the command that uses it"
+    group = path.parent.name
+    if group == "experiment":
+        config = compose(REGISTRY, overrides=[f"experiment={path.stem}"])
+        assert config.experiment == path.stem
+    elif group in ("trainer", "logger"):
+        make(f"{group}={path.stem}")
+    elif group == "model":
+        make(model=path.stem)
+    elif group == "data":
+        make(data=path.stem)
+
+
+def test_there_are_experiment_presets():
+    assert group_choices("experiment")
+
+
+def test_cli_reports_config_errors_and_writes_nothing(tmp_path):
+    result = run_fwlab(
+        "fit", "--model", "fast_weights", "--data", "retrieval", "model.hiden_size=3", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "model.hiden_size" in result.stderr and "model.hidden_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_prints_the_resolved_config(tmp_path):
+    result = run_fwlab(
+        "fit",
+        "--model",
+        "lstm",
+        "--data",
+        "retrieval",
+        "model.hidden_size=21",
+        "--print-config",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.model.name == "lstm" and printed.model.hidden_size == 21
+    assert printed.trainer.max_epochs > 0
+    assert not (tmp_path / "runs").exists()

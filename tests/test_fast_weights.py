@@ -1,0 +1,172 @@
+"""Fast weights against a naive float64 reference of Ba et al. (2016), eqs. 1-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fwlab_plugins.cells.fast_weights import (
+    FastWeightsCell,
+    FastWeightsConfig,
+    FastWeightsMatrixState,
+    FastWeightsMemoryState,
+)
+
+
+def make_cell(input_size=3, hidden_size=5, **overrides) -> FastWeightsCell:
+    torch.manual_seed(0)
+    cell = FastWeightsCell(input_size, FastWeightsConfig(hidden_size=hidden_size, **overrides))
+    with torch.no_grad():  # move off the identity/zero init so every term matters
+        for parameter in cell.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return cell.double()
+
+
+def naive_reference(cell: FastWeightsCell, x: torch.Tensor) -> torch.Tensor:
+    """The paper's equations, one sample and one matrix product at a time, in float64."""
+    config = cell.config
+    W = cell.recurrent_weights.weight.detach()
+    C = cell.input_weights.weight.detach()
+    b = cell.input_weights.bias.detach()
+    outputs = torch.zeros(x.shape[0], x.shape[1], config.hidden_size, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        h = torch.zeros(config.hidden_size, dtype=torch.float64)
+        A = torch.zeros(config.hidden_size, config.hidden_size, dtype=torch.float64)
+        for t in range(x.shape[1]):
+            A = config.decay * A + config.fast_learning_rate * torch.outer(h, h)  # eq. 1
+            z = W @ h + C @ x[n, t] + b
+            h_s = torch.relu(z)  # h_0(t+1)
+            for _ in range(config.inner_steps):
+                v = z + A @ h_s
+                if config.layer_norm:  # over the hidden units of this one sample
+                    ln = cell.layer_norm
+                    mean, var = v.mean(), v.var(unbiased=False)
+                    v = (v - mean) / torch.sqrt(
+                        var + ln.eps
+                    ) * ln.weight.detach() + ln.bias.detach()
+                h_s = torch.relu(v)
+            h = h_s
+            outputs[n, t] = h
+    return outputs
+
+
+CASES = [
+    dict(),
+    dict(inner_steps=3),
+    dict(layer_norm=False, decay=0.9),
+    dict(fast_learning_rate=0.0),
+]
+
+
+@pytest.mark.parametrize("form", ["matrix", "memory"])
+@pytest.mark.parametrize("overrides", CASES, ids=str)
+def test_matches_naive_reference(form, overrides):
+    cell = make_cell(form=form, **overrides)
+    x = torch.randn(4, 7, 3, dtype=torch.float64)
+    outputs, _ = cell(x)
+    torch.testing.assert_close(outputs, naive_reference(cell, x), rtol=1e-10, atol=1e-10)
+
+
+def test_hand_checked_first_steps():
+    """H = 1, no LN, W = 0, C = 1, b = 0, λ = 0.5, η = 1, S = 1:
+    h(1) = relu(x0) = 2;  A = 0.5·0 + 1·2·2 = 4;  z = 1,  h_0 = 1,  h(2) = relu(1 + 4·1) = 5."""
+    cell = FastWeightsCell(
+        1,
+        FastWeightsConfig(
+            hidden_size=1,
+            layer_norm=False,
+            decay=0.5,
+            fast_learning_rate=1.0,
+            recurrent_init_scale=0.0,
+        ),
+    )
+    with torch.no_grad():
+        cell.input_weights.weight.fill_(1.0)
+    outputs, _ = cell(torch.tensor([[[2.0], [1.0]]]))
+    assert outputs.flatten().tolist() == [2.0, 5.0]
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=str)
+def test_matrix_form_equals_memory_form(overrides):
+    matrix = make_cell(form="matrix", **overrides)
+    memory = make_cell(form="memory", **overrides)
+    x = 0.2 * torch.randn(3, 12, 3, dtype=torch.float64)  # small: without LN, A h grows fast
+    out_matrix, state_matrix = matrix(x)
+    out_memory, state_memory = memory(x)
+    assert torch.isfinite(out_matrix).all() and out_matrix.abs().max() > 0
+    torch.testing.assert_close(out_matrix, out_memory, rtol=1e-10, atol=1e-10)
+    # The final fast weights agree too: A(T) = η Σ λ^{T-τ} h(τ)h(τ)ᵀ rebuilt from the memory,
+    # plus h(T) itself, which the matrix adds on the next step.
+    assert isinstance(state_matrix, FastWeightsMatrixState)
+    assert isinstance(state_memory, FastWeightsMemoryState)
+    cfg = matrix.config
+    memory_states = torch.cat([state_memory.memory, state_memory.h.unsqueeze(1)], dim=1)
+    powers = cfg.decay ** torch.arange(memory_states.shape[1] - 1, -1, -1, dtype=torch.float64)
+    rebuilt = cfg.fast_learning_rate * torch.einsum(
+        "n,bni,bnj->bij", powers, memory_states, memory_states
+    )
+    expected = cfg.decay * state_matrix.fast_weights + cfg.fast_learning_rate * torch.einsum(
+        "bi,bj->bij", state_matrix.h, state_matrix.h
+    )
+    torch.testing.assert_close(rebuilt, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["matrix", "memory", "auto"])
+def test_whole_sequence_equals_step_by_step(form):
+    cell = make_cell(form=form, inner_steps=2)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    whole, _ = cell(x)
+    state = cell.initial_state(2, dtype=torch.float64, seq_len=6)
+    steps = []
+    for t in range(6):
+        output, state = cell.step(x[:, t], state)
+        steps.append(output)
+    torch.testing.assert_close(whole, torch.stack(steps, dim=1), rtol=1e-12, atol=1e-12)
+
+
+def test_continuing_from_a_state_equals_one_long_sequence():
+    cell = make_cell(form="matrix")
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    whole, _ = cell(x)
+    first, state = cell(x[:, :5])
+    second, _ = cell(x[:, 5:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["matrix", "memory"])
+def test_gradient_check(form):
+    cell = make_cell(input_size=2, hidden_size=3, form=form, inner_steps=2)
+    x = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    params = tuple(cell.parameters())
+
+    def function(x, *parameters):
+        for parameter, value in zip(params, parameters):
+            parameter.data = value
+        return torch.func.functional_call(
+            cell, {n: p for (n, _), p in zip(cell.named_parameters(), parameters)}, (x,)
+        )[0]
+
+    inputs = (x, *[p.detach().clone().requires_grad_(True) for p in params])
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_auto_picks_the_cheaper_form():
+    cell = FastWeightsCell(4, FastWeightsConfig(hidden_size=100, form="auto"))
+    assert cell.resolve_form(11).value == "memory"  # short sequence: attention over 11 states
+    assert cell.resolve_form(784).value == "matrix"  # long sequence: a 100×100 matrix
+    assert isinstance(cell.initial_state(2, seq_len=11), FastWeightsMemoryState)
+    assert isinstance(cell.initial_state(2, seq_len=784), FastWeightsMatrixState)
+
+
+def test_layer_norm_is_per_sample_not_over_the_batch():
+    """A sample's output must not depend on the rest of its batch."""
+    cell = make_cell()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    together, _ = cell(x)
+    alone, _ = cell(x[2:3])
+    torch.testing.assert_close(together[2:3], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_recurrent_weights_start_at_the_scaled_identity():
+    cell = FastWeightsCell(3, FastWeightsConfig(hidden_size=4, recurrent_init_scale=0.05))
+    torch.testing.assert_close(cell.recurrent_weights.weight, 0.05 * torch.eye(4))
