@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from fwlab.targets import get_target
 
 CHECKPOINT_CONFIG_KEY = "fwlab_config"
 RESULTS_FILE = "results.json"
+RUN_DIR_ENV_VAR = "FWLAB_RUN_DIR"  # set by the launching process for the other ranks
 
 
 @dataclass
@@ -151,13 +153,46 @@ def run(invocation: Invocation) -> int:
     model, datamodule = build_model_and_data(config, registry)
 
     name = config.run_name or ""
-    run_dir = resume_dir or create_run_dir(
-        config.output_dir, invocation.command, config.model.name, config.data.name, name
-    )
     plain = to_plain(config)
-    config_path = _write_new(run_dir / CONFIG_FILE, to_yaml(config))
-    logger_config = LoggerConfig(**plain["logger"])
-    logger = make_logger(logger_config, run_dir, name or run_dir.name)
+    inherited = os.environ.get(RUN_DIR_ENV_VAR)
+    if inherited:  # a process Lightning launched for another DDP rank: the same run directory
+        run_dir, config_path = Path(inherited), Path(inherited) / CONFIG_FILE
+    else:
+        run_dir = resume_dir or create_run_dir(
+            config.output_dir, invocation.command, config.model.name, config.data.name, name
+        )
+        config_path = _write_new(run_dir / CONFIG_FILE, to_yaml(config))
+        os.environ[RUN_DIR_ENV_VAR] = str(run_dir)  # inherited by the ranks Lightning launches
+    try:
+        return _train_and_evaluate(
+            invocation,
+            config,
+            plain,
+            model,
+            datamodule,
+            run_dir,
+            config_path,
+            resume_from,
+            started,
+        )
+    finally:
+        if not inherited:
+            os.environ.pop(RUN_DIR_ENV_VAR, None)
+
+
+def _train_and_evaluate(
+    invocation: Invocation,
+    config: DictConfig,
+    plain: dict[str, Any],
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    run_dir: Path,
+    config_path: Path,
+    resume_from: Path | None,
+    started: float,
+) -> int:
+    name = config.run_name or ""
+    logger = make_logger(LoggerConfig(**plain["logger"]), run_dir, name or run_dir.name)
     if logger is not None:
         logger.log_hyperparams(plain)
 

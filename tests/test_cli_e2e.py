@@ -141,3 +141,21 @@ def test_an_incompatible_checkpoint_path_is_a_clear_error(tmp_path):
     result = run_fwlab("test", "--ckpt", str(bogus), cwd=tmp_path)
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert bogus.read_text() == "not a checkpoint"
+
+
+@pytest.mark.slow
+def test_the_main_job_reaches_a_low_test_error(tmp_path):
+    """The README's main job (about 5 minutes on 2 CPU cores): run with `pytest -m slow`."""
+    result = run_fwlab(
+        "fit",
+        "--model",
+        "fast_weights",
+        "--data",
+        "retrieval",
+        "logger=csv",
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = read_results(only_run_dir(tmp_path))["metrics"]["test/acc"]
+    assert 100 * (1 - accuracy) < 1.81  # below the paper's R=20 error; R=100 is the default
