@@ -14,10 +14,21 @@ REGISTRY = Registry()
 CELL_NAMES = REGISTRY.names("cell")
 
 
+def small_config(cell_cls: type[Cell], hidden_size: int, largest: int = 4):
+    """The cell's default config with every integer size capped at ``largest`` (memories,
+    heads, statistics slots), so the tests stay small for any future cell."""
+    config = cell_cls.Config(hidden_size=hidden_size)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if type(value) is int and field.name != "hidden_size" and value > largest:
+            setattr(config, field.name, largest)
+    return config
+
+
 def make(name: str, input_size: int = 3, hidden_size: int = 4) -> Cell:
     torch.manual_seed(0)
     cell_cls = REGISTRY.get("cell", name)
-    return cell_cls(input_size, cell_cls.Config(hidden_size=hidden_size))
+    return cell_cls(input_size, small_config(cell_cls, hidden_size))
 
 
 def test_the_built_in_cells_are_registered():

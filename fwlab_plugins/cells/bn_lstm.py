@@ -1,0 +1,105 @@
+"""Batch-normalised LSTM (Cooijmans, Ballas, Laurent, Gülçehre & Courville 2017, "Recurrent Batch
+Normalization", arXiv 1603.09025), eqs. 6-8:
+
+    (f̃, ĩ, õ, g̃) = BN(W_h h_{t-1}; γ_h, β_h) + BN(W_x x_t; γ_x, β_x) + b      β_h = β_x = 0, fixed
+    c_t = σ(f̃) ⊙ c_{t-1} + σ(ĩ) ⊙ tanh(g̃)
+    h_t = σ(õ) ⊙ tanh( BN(c_t; γ_c, β_c) )
+
+Two separate BNs for the recurrent and the input contributions (none inside the cell update),
+statistics per time step with γ, β shared across time (:mod:`.stepwise_batch_norm`); γ starts
+at 0.1 (1.0 vanishes the gradient through time), β at 0. W_h starts as the identity in each
+gate's block, W_x orthogonal. The forget bias starts at ``forget_bias`` (fwlab's choice, as for
+``lstm``; the paper does not state one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
+
+
+class BNLSTMState(NamedTuple):
+    h: torch.Tensor  # (B, H)
+    c: torch.Tensor  # (B, H)
+    time: torch.Tensor  # (B,) int64: the time step of the next input (selects BN statistics)
+
+
+@dataclass
+class BNLSTMConfig(CellConfig):
+    gamma_init: float = 0.1  # initial γ of all three BNs (Cooijmans et al.)
+    max_time_steps: int = 1024  # per-step statistics kept; >= the longest training sequence
+    momentum: float = 0.1  # running-average weight of each training batch's statistics
+    forget_bias: float = 1.0  # initial b of the forget gate
+
+
+class BNLSTMCell(Cell):
+    """BN-LSTM: per-step batch norm of recurrent, input and cell terms (Cooijmans et al. 2017)."""
+
+    Config = BNLSTMConfig
+
+    def __init__(self, input_size: int, config: BNLSTMConfig) -> None:
+        super().__init__(input_size, config)
+        hidden = config.hidden_size
+        self.input_weights = nn.Parameter(torch.empty(4 * hidden, input_size))  # W_x
+        self.recurrent_weights = nn.Parameter(torch.eye(hidden).repeat(4, 1))  # W_h, (4H, H)
+        self.bias = nn.Parameter(torch.zeros(4 * hidden))  # b; gates ordered (f, i, o, g)
+        nn.init.orthogonal_(self.input_weights)
+        with torch.no_grad():
+            self.bias[:hidden].fill_(config.forget_bias)
+
+        def batch_norm(features: int, learn_beta: bool) -> StepwiseBatchNorm:
+            return StepwiseBatchNorm(
+                features, config.max_time_steps, config.gamma_init, learn_beta, config.momentum
+            )
+
+        self.recurrent_norm = batch_norm(4 * hidden, learn_beta=False)
+        self.input_norm = batch_norm(4 * hidden, learn_beta=False)
+        self.cell_norm = batch_norm(hidden, learn_beta=True)
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> BNLSTMState:
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        time = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return BNLSTMState(zeros, zeros.clone(), time)
+
+    def forward(
+        self, x: torch.Tensor, state: BNLSTMState | None = None
+    ) -> tuple[torch.Tensor, BNLSTMState]:
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        input_part = x @ self.input_weights.T  # (B, T, 4H): W_x x_t for all t at once
+        start = int(state.time[0]) if state.time.numel() else 0
+        h, c, outputs = state.h, state.c, []
+        for offset in range(x.shape[1]):
+            h, c = self._advance(input_part[:, offset], h, c, start + offset)
+            outputs.append(h)
+        time = state.time + x.shape[1]
+        return torch.stack(outputs, dim=1), BNLSTMState(h, c, time)
+
+    def step(self, x_t: torch.Tensor, state: BNLSTMState) -> tuple[torch.Tensor, BNLSTMState]:
+        t = int(state.time[0]) if state.time.numel() else 0
+        h, c = self._advance(x_t @ self.input_weights.T, state.h, state.c, t)
+        return h, BNLSTMState(h, c, state.time + 1)
+
+    def _advance(
+        self, input_part: torch.Tensor, h: torch.Tensor, c: torch.Tensor, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = (
+            self.recurrent_norm(h @ self.recurrent_weights.T, t)
+            + self.input_norm(input_part, t)
+            + self.bias
+        )  # (B, 4H)
+        forget, input_gate, output, candidate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget) * c + torch.sigmoid(input_gate) * torch.tanh(candidate)
+        h = torch.sigmoid(output) * torch.tanh(self.cell_norm(c, t))
+        return h, c

@@ -1,0 +1,108 @@
+"""LRU-NTM, the memory-augmented network of Santoro, Bartunov, Botvinick, Wierstra & Lillicrap
+2016, "Meta-Learning with Memory-Augmented Neural Networks" (arXiv 1605.06065).
+
+An LSTM controller reads [x_t, r_{t-1}] and emits, per read head, a key k_t and a write gate α_t.
+Each step (addressing in :mod:`.lru_addressing`):
+
+    w^w_t = σ(α_t) w^r_{t-1} + (1 − σ(α_t)) w^lu_{t-1}       write to the last read or least used
+    M_{t-1}(argmin w^u_{t-1}) = 0                              clear the least-used slot
+    M_t   = M_{t-1} + Σ_heads w^w_t k_tᵀ
+    w^r_t = softmax(cos(k_t, M_t)),   r_t = w^r_t M_t          content reads
+    w^u_t = γ w^u_{t-1} + w^r_t + w^w_t                        usage
+
+The output is [h_t, r_t] (controller state and the R read vectors). Memory, usage and weightings
+start at zero with every sequence (an episode); weights persist across episodes, which is the
+meta-learning. Keys pass through tanh (as in public implementations), bounding what is written.
+α_t comes from the controller (a learned linear map of h_t, one scalar per head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells import lru_addressing as addressing
+
+
+class LRUNTMState(NamedTuple):
+    h: torch.Tensor  # (B, H) controller hidden state
+    c: torch.Tensor  # (B, H) controller cell state
+    memory: torch.Tensor  # (B, N, W) M_t
+    read_weights: torch.Tensor  # (B, R, N) w^r_t
+    usage: torch.Tensor  # (B, N) w^u_t
+    reads: torch.Tensor  # (B, R, W) r_t
+
+
+@dataclass
+class LRUNTMConfig(CellConfig):
+    hidden_size: int = 200  # controller LSTM units (Santoro et al.: 200)
+    memory_slots: int = 128  # N
+    memory_width: int = 40  # W
+    read_heads: int = 4  # R; also n, the number of least-used slots
+    usage_decay: float = 0.95  # γ
+
+
+class LRUNTMCell(Cell):
+    """LRU-NTM / MANN: LSTM controller, least-recently-used memory access (Santoro et al. 2016)."""
+
+    Config = LRUNTMConfig
+
+    def __init__(self, input_size: int, config: LRUNTMConfig) -> None:
+        super().__init__(input_size, config)
+        heads, width = config.read_heads, config.memory_width
+        if not 1 <= heads <= config.memory_slots:
+            raise ValueError(
+                f"model.read_heads must be between 1 and model.memory_slots, got {heads}"
+            )
+        self.controller = nn.LSTMCell(input_size + heads * width, config.hidden_size)
+        self.key_layer = nn.Linear(config.hidden_size, heads * width)
+        self.gate_layer = nn.Linear(config.hidden_size, heads)
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size + self.config.read_heads * self.config.memory_width
+
+    def initial_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LRUNTMState:
+        config = self.config
+        heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+
+        return LRUNTMState(
+            h=zeros(self.hidden_size),
+            c=zeros(self.hidden_size),
+            memory=zeros(slots, width),
+            read_weights=zeros(heads, slots),
+            usage=zeros(slots),
+            reads=zeros(heads, width),
+        )
+
+    def step(self, x_t: torch.Tensor, state: LRUNTMState) -> tuple[torch.Tensor, LRUNTMState]:
+        config = self.config
+        batch = x_t.shape[0]
+        controller_input = torch.cat([x_t, state.reads.flatten(1)], dim=-1)
+        h, c = self.controller(controller_input, (state.h, state.c))
+        keys = torch.tanh(self.key_layer(h)).view(batch, config.read_heads, config.memory_width)
+        gate = self.gate_layer(h)  # α_t, (B, R)
+
+        least_used = addressing.least_used_weights(state.usage, config.read_heads)  # w^lu_{t-1}
+        write_weights = addressing.write_weights(gate, state.read_weights, least_used)
+        memory = addressing.zero_least_used_slot(state.memory, state.usage)
+        memory = addressing.write(memory, write_weights, keys)  # M_t
+        read_weights = addressing.content_read_weights(keys, memory)  # w^r_t
+        reads = addressing.read(read_weights, memory)  # r_t, (B, R, W)
+        usage = addressing.update_usage(
+            state.usage, read_weights, write_weights, config.usage_decay
+        )
+        output = torch.cat([h, reads.flatten(1)], dim=-1)  # (B, H + R·W)
+        return output, LRUNTMState(h, c, memory, read_weights, usage, reads)

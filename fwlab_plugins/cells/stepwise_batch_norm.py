@@ -1,0 +1,71 @@
+"""Batch normalisation with statistics per time step (Cooijmans et al. 2017, section 3).
+
+    BN(x_t; γ, β) = γ ⊙ (x_t − E[x_t]) / sqrt(Var[x_t] + ε) + β
+
+The statistics E[x_t], Var[x_t] are estimated per time step t (over the batch in training,
+from population averages in evaluation); γ and β are shared across time. Evaluation at steps
+beyond the longest length seen in training, T_max, uses T_max's statistics. The population
+statistics are running averages of the training batches' estimates, as in the authors' code;
+a known bug of public ports, batch statistics at test time, is what ``eval()`` avoids here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StepwiseBatchNorm(nn.Module):
+    """BN over ``features`` with one set of running statistics per time step.
+
+    Args:
+        features: size of the normalised axis.
+        max_time_steps: number of per-step statistics kept; training steps at or beyond it share
+            the last slot (set it to at least the longest training sequence).
+        gamma_init: initial γ (Cooijmans et al.: 0.1).
+        learn_beta: whether β is a parameter; if not it is fixed at 0.
+        momentum: weight of the newest batch in the running averages.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        max_time_steps: int,
+        gamma_init: float = 0.1,
+        learn_beta: bool = True,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.max_time_steps = max_time_steps
+        self.weight = nn.Parameter(torch.full((features,), gamma_init))  # γ
+        self.bias = nn.Parameter(torch.zeros(features)) if learn_beta else None  # β
+        self.register_buffer("running_mean", torch.zeros(max_time_steps, features))
+        self.register_buffer("running_var", torch.ones(max_time_steps, features))
+        # T_max: the longest sequence seen in training (0: none yet)
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
+
+    def statistics_index(self, t: int) -> int:
+        """The slot of statistics that time step ``t`` uses."""
+        if self.training:
+            return min(t, self.max_time_steps - 1)
+        longest = max(int(self.trained_steps), 1)
+        return min(t, longest - 1, self.max_time_steps - 1)
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Normalise ``x (B, F)``, the features at time step ``t``."""
+        index = self.statistics_index(t)
+        if self.training:
+            mean = x.mean(dim=0)
+            var = x.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                unbiased = x.var(dim=0, unbiased=True) if x.shape[0] > 1 else var
+                self.running_mean[index].lerp_(mean.detach().to(self.running_mean), self.momentum)
+                self.running_var[index].lerp_(unbiased.detach().to(self.running_var), self.momentum)
+                self.trained_steps.fill_(max(int(self.trained_steps), t + 1))
+        else:
+            mean, var = self.running_mean[index], self.running_var[index]
+        normalised = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return normalised + self.bias if self.bias is not None else normalised

@@ -1,0 +1,102 @@
+"""BN-LSTM (Cooijmans et al. 2017): the equations, per-step statistics, population statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
+
+
+def make(hidden=4, inputs=3, **overrides) -> BNLSTMCell:
+    torch.manual_seed(0)
+    cell = BNLSTMCell(inputs, BNLSTMConfig(hidden_size=hidden, **overrides)).double()
+    with torch.no_grad():  # move γ, β, b off their init so every term is exercised
+        for name, parameter in cell.named_parameters():
+            if "norm" in name or name == "bias":
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return cell
+
+
+def batch_norm(x, gamma, beta, eps=1e-5):
+    mean = x.mean(0)
+    var = ((x - mean) ** 2).mean(0)
+    return gamma * (x - mean) / torch.sqrt(var + eps) + beta
+
+
+def test_training_mode_matches_the_papers_equations_in_float64():
+    cell = make()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    outputs, _ = cell(x)
+    W_x, W_h = cell.input_weights.detach(), cell.recurrent_weights.detach()
+    b = cell.bias.detach()
+    g_h, g_x = cell.recurrent_norm.weight.detach(), cell.input_norm.weight.detach()
+    g_c, b_c = cell.cell_norm.weight.detach(), cell.cell_norm.bias.detach()
+    h = torch.zeros(5, 4, dtype=torch.float64)
+    c = torch.zeros(5, 4, dtype=torch.float64)
+    for t in range(4):  # statistics over the batch at this step only
+        gates = batch_norm(h @ W_h.T, g_h, 0.0) + batch_norm(x[:, t] @ W_x.T, g_x, 0.0) + b
+        f, i, o, g = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(batch_norm(c, g_c, b_c))
+        torch.testing.assert_close(outputs[:, t], h, rtol=1e-10, atol=1e-10)
+
+
+def test_initialisation():
+    cell = BNLSTMCell(3, BNLSTMConfig(hidden_size=4))
+    for norm in (cell.recurrent_norm, cell.input_norm, cell.cell_norm):
+        torch.testing.assert_close(norm.weight, torch.full_like(norm.weight, 0.1))  # γ = 0.1
+    assert cell.recurrent_norm.bias is None and cell.input_norm.bias is None  # β fixed at 0
+    assert torch.count_nonzero(cell.cell_norm.bias) == 0
+    torch.testing.assert_close(cell.recurrent_weights, torch.eye(4).repeat(4, 1))  # identity
+    W_x = cell.input_weights  # (16, 3): orthonormal columns
+    torch.testing.assert_close(W_x.T @ W_x, torch.eye(3), atol=1e-5, rtol=1e-5)
+
+
+def train(cell, batches):
+    cell.train()
+    for x in batches:
+        cell(x)
+
+
+def test_eval_uses_population_statistics_so_samples_do_not_interact():
+    cell = make()
+    train(cell, [torch.randn(16, 6, 3, dtype=torch.float64) for _ in range(20)])
+    cell.eval()
+    a = torch.randn(4, 6, 3, dtype=torch.float64)
+    b = torch.randn(7, 6, 3, dtype=torch.float64)
+    together_a, _ = cell(a)
+    together_b, _ = cell(b)
+    for batch, together in ((a, together_a), (b, together_b)):
+        for n in range(batch.shape[0]):
+            alone, _ = cell(batch[n : n + 1])
+            torch.testing.assert_close(together[n : n + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_steps_beyond_the_longest_training_length_use_its_statistics():
+    cell = make()
+    train(cell, [torch.randn(8, 5, 3, dtype=torch.float64) for _ in range(5)])
+    norm = cell.input_norm
+    assert int(norm.trained_steps) == 5
+    cell.eval()
+    assert [norm.statistics_index(t) for t in (0, 4, 5, 9, 500)] == [0, 4, 4, 4, 4]
+    x = torch.randn(3, 16, dtype=torch.float64)  # 4H features
+    direct = (x - norm.running_mean[4]) / torch.sqrt(norm.running_var[4] + norm.eps) * norm.weight
+    torch.testing.assert_close(norm(x, 9), direct)
+    assert not torch.allclose(norm(x, 9), norm(x, 3))  # and step 3 has statistics of its own
+
+
+def test_statistics_differ_per_step_when_the_scale_changes_over_time():
+    cell = make(inputs=1)
+    scale = torch.linspace(0.1, 10.0, 6, dtype=torch.float64).view(1, 6, 1)
+    train(cell, [scale * torch.randn(32, 6, 1, dtype=torch.float64) for _ in range(30)])
+    variances = cell.input_norm.running_var[:6].mean(dim=1)  # mean over features, per step
+    assert torch.all(variances[1:] > variances[:-1]), variances  # grows with the input scale
+    assert variances[5] / variances[0] > 100
+
+
+def test_training_beyond_max_time_steps_shares_the_last_slot():
+    cell = make(max_time_steps=3)
+    train(cell, [torch.randn(4, 7, 3, dtype=torch.float64)])
+    assert int(cell.input_norm.trained_steps) == 7
+    cell.eval()
+    assert cell.input_norm.statistics_index(6) == 2

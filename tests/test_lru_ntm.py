@@ -1,0 +1,165 @@
+"""LRU-NTM (Santoro et al. 2016): a naive float64 reference and the access rules one by one."""
+
+from __future__ import annotations
+
+import torch
+
+from fwlab_plugins.cells import lru_addressing as addressing
+from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig
+
+N, W, R, H = 6, 3, 2, 5
+
+
+def make(**overrides) -> LRUNTMCell:
+    torch.manual_seed(0)
+    config = LRUNTMConfig(hidden_size=H, memory_slots=N, memory_width=W, read_heads=R, **overrides)
+    return LRUNTMCell(2, config).double()
+
+
+def naive_reference(cell: LRUNTMCell, x: torch.Tensor):
+    """The paper's equations for one sample at a time, slot by slot, in float64."""
+    gamma = cell.config.usage_decay
+    outputs, usages = [], []
+    for n in range(x.shape[0]):
+        h = torch.zeros(1, H, dtype=torch.float64)
+        c = torch.zeros(1, H, dtype=torch.float64)
+        memory = torch.zeros(N, W, dtype=torch.float64)
+        read_weights = torch.zeros(R, N, dtype=torch.float64)
+        usage = torch.zeros(N, dtype=torch.float64)
+        reads = torch.zeros(R, W, dtype=torch.float64)
+        sample_outputs = []
+        for t in range(x.shape[1]):
+            h, c = cell.controller(torch.cat([x[n, t], reads.flatten()]).unsqueeze(0), (h, c))
+            keys = torch.tanh(cell.key_layer(h)).view(R, W)
+            alpha = cell.gate_layer(h).view(R)
+            order = sorted(range(N), key=lambda i: (usage[i].item(), i))
+            least_used = torch.zeros(N, dtype=torch.float64)
+            least_used[order[:R]] = 1.0  # the n = R smallest usages
+            sigma = torch.sigmoid(alpha).unsqueeze(1)
+            write_weights = sigma * read_weights + (1 - sigma) * least_used
+            memory = memory.clone()
+            memory[order[0]] = 0.0  # the least-used slot is cleared before writing
+            for head in range(R):
+                for i in range(N):
+                    memory[i] = memory[i] + write_weights[head, i] * keys[head]
+            read_weights = torch.zeros(R, N, dtype=torch.float64)
+            for head in range(R):
+                similarity = torch.stack(
+                    [
+                        keys[head] @ memory[i] / (keys[head].norm() * memory[i].norm() + 1e-8)
+                        for i in range(N)
+                    ]
+                )
+                read_weights[head] = torch.softmax(similarity, dim=0)
+            reads = read_weights @ memory
+            usage = gamma * usage + read_weights.sum(0) + write_weights.sum(0)
+            sample_outputs.append(torch.cat([h.flatten(), reads.flatten()]))
+        outputs.append(torch.stack(sample_outputs))
+        usages.append(usage)
+    return torch.stack(outputs), torch.stack(usages)
+
+
+def test_matches_the_naive_reference_in_float64():
+    cell = make()
+    x = torch.randn(3, 7, 2, dtype=torch.float64)
+    with torch.no_grad():
+        outputs, state = cell(x)
+        expected_outputs, expected_usage = naive_reference(cell, x)
+    assert outputs.shape == (3, 7, H + R * W) and cell.output_size == H + R * W
+    torch.testing.assert_close(outputs, expected_outputs, rtol=1e-10, atol=1e-10)
+    # Usage followed w^u_t = γ w^u_{t-1} + w^r_t + w^w_t over all seven steps.
+    torch.testing.assert_close(state.usage, expected_usage, rtol=1e-10, atol=1e-10)
+
+
+def state_with(cell, usage, read_weights, memory):
+    state = cell.initial_state(1, dtype=torch.float64)
+    return state._replace(usage=usage, read_weights=read_weights, memory=memory)
+
+
+def force_gate(cell, value: float):
+    with torch.no_grad():
+        cell.gate_layer.weight.zero_()
+        cell.gate_layer.bias.fill_(value)
+
+
+def keys_of(cell, state, x):
+    """The keys the controller emits for input x from ``state``."""
+    controller_input = torch.cat([x, state.reads.flatten(1)], dim=-1)
+    h, _ = cell.controller(controller_input, (state.h, state.c))
+    return torch.tanh(cell.key_layer(h)).view(R, W)
+
+
+def test_gate_near_zero_clears_the_least_used_slot_then_writes_there():
+    cell = make()
+    force_gate(cell, -50.0)  # σ(α) ≈ 0: write to the least-used slots
+    usage = torch.tensor([[0.9, 0.2, 0.05, 0.7, 0.3, 0.8]], dtype=torch.float64)
+    memory = torch.randn(1, N, W, dtype=torch.float64)
+    read_weights = torch.softmax(torch.randn(1, R, N, dtype=torch.float64), dim=-1)
+    state = state_with(cell, usage, read_weights, memory)
+    x = torch.randn(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        _, new = cell.step(x, state)
+        keys = keys_of(cell, state, x)
+    written = keys.sum(0)  # every head writes its key to each of the R least-used slots
+    torch.testing.assert_close(new.memory[0, 2], written)  # slot 2 was cleared, then written
+    torch.testing.assert_close(new.memory[0, 1], memory[0, 1] + written)  # 2nd least used
+    for untouched in (0, 3, 4, 5):
+        torch.testing.assert_close(new.memory[0, untouched], memory[0, untouched])
+
+
+def test_gate_near_one_writes_to_the_previously_read_slot():
+    cell = make()
+    force_gate(cell, 50.0)  # σ(α) ≈ 1: write where the heads read last
+    usage = torch.tensor([[0.9, 0.2, 0.05, 0.7, 0.3, 0.8]], dtype=torch.float64)
+    memory = torch.randn(1, N, W, dtype=torch.float64)
+    read_weights = torch.zeros(1, R, N, dtype=torch.float64)
+    read_weights[0, :, 4] = 1.0  # both heads last read slot 4
+    state = state_with(cell, usage, read_weights, memory)
+    x = torch.randn(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        _, new = cell.step(x, state)
+        keys = keys_of(cell, state, x)
+    torch.testing.assert_close(new.memory[0, 4], memory[0, 4] + keys.sum(0))
+    assert torch.count_nonzero(new.memory[0, 2]) == 0  # the least-used slot is still cleared
+    for untouched in (0, 1, 3, 5):
+        torch.testing.assert_close(new.memory[0, untouched], memory[0, untouched])
+
+
+def test_a_stored_key_is_read_back_by_a_cosine_read():
+    torch.manual_seed(1)
+    memory = torch.randn(1, 8, 5, dtype=torch.float64)
+    key = torch.randn(1, 1, 5, dtype=torch.float64)
+    memory[0, 3] = 2.5 * key[0, 0]  # stored (scaled: cosine ignores the norm)
+    similarity = addressing.cosine_similarity(key, memory)
+    torch.testing.assert_close(similarity[0, 0, 3], torch.tensor(1.0, dtype=torch.float64))
+    weights = addressing.content_read_weights(key, memory)
+    assert weights[0, 0].argmax() == 3
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, dtype=torch.float64))
+
+
+def test_least_used_picks_exactly_n_slots_with_ties_broken_by_index():
+    usage = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.3, 0.1]])
+    torch.testing.assert_close(
+        addressing.least_used_weights(usage, 2),
+        torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]),
+    )
+
+
+def test_usage_follows_its_equation_by_hand():
+    previous = torch.tensor([[1.0, 0.0]])
+    reads = torch.tensor([[[0.25, 0.75]]])
+    writes = torch.tensor([[[0.5, 0.5]]])
+    usage = addressing.update_usage(previous, reads, writes, decay=0.9)
+    torch.testing.assert_close(usage, torch.tensor([[0.9 + 0.25 + 0.5, 0.75 + 0.5]]))
+
+
+def test_read_weights_sum_to_one_and_memory_starts_cleared():
+    cell = make()
+    state = cell.initial_state(4, dtype=torch.float64)
+    assert torch.count_nonzero(state.memory) == 0 and torch.count_nonzero(state.usage) == 0
+    x = torch.randn(4, 9, 2, dtype=torch.float64)
+    for t in range(9):
+        _, state = cell.step(x[:, t], state)
+        torch.testing.assert_close(
+            state.read_weights.sum(-1), torch.ones(4, R, dtype=torch.float64)
+        )
