@@ -59,13 +59,17 @@ class StepwiseBatchNorm(nn.Module):
         index = self.statistics_index(t)
         if self.training:
             mean = x.mean(dim=0)
-            var = x.var(dim=0, unbiased=False)
+            centred = x - mean
+            var = centred.square().mean(dim=0)  # biased, as batch norm normalises
             with torch.no_grad():
-                unbiased = x.var(dim=0, unbiased=True) if x.shape[0] > 1 else var
+                batch = x.shape[0]
+                unbiased = var * (batch / (batch - 1)) if batch > 1 else var
                 self.running_mean[index].lerp_(mean.detach().to(self.running_mean), self.momentum)
                 self.running_var[index].lerp_(unbiased.detach().to(self.running_var), self.momentum)
-                self.trained_steps.fill_(max(int(self.trained_steps), t + 1))
+                if t + 1 > self.trained_steps:
+                    self.trained_steps.fill_(t + 1)
         else:
-            mean, var = self.running_mean[index], self.running_var[index]
-        normalised = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+            centred = x - self.running_mean[index]
+            var = self.running_var[index]
+        normalised = centred * torch.rsqrt(var + self.eps) * self.weight
         return normalised + self.bias if self.bias is not None else normalised
