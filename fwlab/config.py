@@ -175,7 +175,7 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(path: str, source: str, config: DictConfig, candidates: Iterable[str]) -> None:
+def _unknown_key(path: str, source: str, candidates: Iterable[str]) -> None:
     close = difflib.get_close_matches(path, list(candidates), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"unknown config key '{path}' (from {source}){hint}")
@@ -200,7 +200,7 @@ def check_keys(fragment: dict[str, Any], config: DictConfig, source: str) -> Non
                 check_trainer_keys(value, source)
                 continue
             if key not in node:
-                _unknown_key(path, source, config, every_key)
+                _unknown_key(path, source, every_key)
             child = node._get_node(key)
             is_open = OmegaConf.get_type(node, key) is dict  # a free-form mapping
             if isinstance(value, dict) and isinstance(child, DictConfig) and not is_open:

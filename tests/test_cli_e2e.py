@@ -159,3 +159,25 @@ def test_the_main_job_reaches_a_low_test_error(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = read_results(only_run_dir(tmp_path))["metrics"]["test/acc"]
     assert 100 * (1 - accuracy) < 1.81  # below the paper's R=20 error; R=100 is the default
+
+
+def test_the_same_seed_gives_the_same_result(tmp_path):
+    metrics = []
+    for attempt in ("a", "b"):
+        workdir = tmp_path / attempt
+        workdir.mkdir()
+        result = run_fwlab(
+            "fit",
+            "--model",
+            "fast_weights",
+            "--data",
+            "retrieval",
+            *SMALL,
+            "trainer.max_steps=30",
+            "logger=none",
+            "seed=11",
+            cwd=workdir,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics.append(read_results(only_run_dir(workdir))["metrics"])
+    assert metrics[0] == metrics[1]

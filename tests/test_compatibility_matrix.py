@@ -20,25 +20,24 @@ from .test_cells import small_config
 
 REGISTRY = Registry()
 PAIRS = [(cell, data) for cell in REGISTRY.names("cell") for data in REGISTRY.names("data")]
-# Keep every pairing small: hidden sizes, and split sizes where a datamodule has them.
-TINY = {"model": {}, "data": {"batch_size": 4}}
-SPLIT_SIZES = {"train_size": 16, "val_size": 8, "test_size": 8}
 
 
-def tiny_config(cell: str, data: str):
+def tiny_config(cell: str, data: str, directory):
+    """The pair's config with a small cell and the datamodule's own tiny example."""
     config = compose(REGISTRY, model=cell, data=data, overrides=["logger=none"])
-    overrides = {"model": dict(TINY["model"]), "data": dict(TINY["data"])}
-    overrides["data"].update({k: v for k, v in SPLIT_SIZES.items() if k in config.data})
-    cell_config = small_config(REGISTRY.get("cell", cell), hidden_size=8)
-    overrides["model"].update(dataclasses.asdict(cell_config))
+    example = REGISTRY.get("data", data).tiny_example(directory)
+    overrides = {
+        "model": dataclasses.asdict(small_config(REGISTRY.get("cell", cell), hidden_size=8)),
+        "data": {"batch_size": 4, **example},
+    }
     config.merge_with(overrides)
     return config
 
 
 @pytest.mark.parametrize(("cell", "data"), PAIRS, ids=[f"{c}-{d}" for c, d in PAIRS])
-def test_a_tiny_fit_runs_and_every_parameter_learns(cell, data):
+def test_a_tiny_fit_runs_and_every_parameter_learns(cell, data, tmp_path):
     L.seed_everything(0, verbose=False)
-    model, datamodule = build_model_and_data(tiny_config(cell, data), REGISTRY)
+    model, datamodule = build_model_and_data(tiny_config(cell, data, tmp_path), REGISTRY)
     datamodule.setup("fit")
     inputs, targets = next(iter(datamodule.train_dataloader()))
     loss = model.training_step((inputs, targets), 0)

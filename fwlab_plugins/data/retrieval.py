@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.spec import DataSpec
@@ -70,10 +72,6 @@ class AssociativeRetrievalDataModule(DataModule):
 
     Config = RetrievalConfig
 
-    def __init__(self, config: RetrievalConfig) -> None:
-        super().__init__(config)
-        self.datasets: dict[str, TensorDataset] = {}
-
     @property
     def spec(self) -> DataSpec:
         return DataSpec(
@@ -83,6 +81,10 @@ class AssociativeRetrievalDataModule(DataModule):
             num_classes=NUM_DIGITS,
             seq_len=2 * self.config.num_pairs + 3,
         )
+
+    @classmethod
+    def tiny_example(cls, directory: Path) -> dict[str, Any]:
+        return {"train_size": 64, "val_size": 16, "test_size": 16}
 
     def split_size(self, split: str) -> int:
         return getattr(self.config, f"{split}_size")
@@ -94,21 +96,3 @@ class AssociativeRetrievalDataModule(DataModule):
                     self.split_size(split), self.config.num_pairs, self.config.seed, split
                 )
                 self.datasets[split] = TensorDataset(inputs, targets)
-
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.config.batch_size,
-            shuffle=split == "train",
-            num_workers=self.config.num_workers,
-            persistent_workers=self.config.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
