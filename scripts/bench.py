@@ -94,15 +94,16 @@ def measure(case: str, shape: str, device: str, min_time: float) -> dict:
         memory_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
     else:
         memory_mib = saved_for_backward_mib(run, x)
-    once()
-    synchronize()
+    if device.startswith("cuda"):
+        once()  # warm-up (on the CPU the memory pass above was one)
+        synchronize()
     iterations, started = 0, time.perf_counter()
     while True:
         once()
         iterations += 1
         synchronize()
         elapsed = time.perf_counter() - started
-        if elapsed >= min_time and iterations >= 3:
+        if elapsed >= min_time and iterations >= 2:
             break
     return {
         "case": case,
