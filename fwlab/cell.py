@@ -73,8 +73,9 @@ class Cell(nn.Module, ABC):
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         outputs = []
-        for t in range(x.shape[1]):
-            output, state = self.step(x[:, t], state)
+        # unbind, not x[:, t]: the backward of T slices would write T full-size gradients
+        for x_t in x.unbind(1):
+            output, state = self.step(x_t, state)
             outputs.append(output)
         return torch.stack(outputs, dim=1), state
 

@@ -14,13 +14,13 @@ PLUGIN = textwrap.dedent(
     from fwlab_plugins.cells.lstm import LSTMCell
 
 
-    @register("data", "per_step_regression")
-    class PerStepRegression(DataModule):
+    @register("data", "per_step_ranking")
+    class PerStepRanking(DataModule):
         """Targets of a kind the generic model does not handle."""
 
         @property
         def spec(self):
-            return DataSpec("vectors", 3, "regression_per_step", seq_len=5)
+            return DataSpec("vectors", 3, "ranking_per_step", seq_len=5)
 
 
     @register("cell", "vectors_only")
@@ -45,12 +45,12 @@ def test_an_unhandled_target_kind_fails_before_training(tmp_path):
         "--model",
         "lstm",
         "--data",
-        "per_step_regression",
+        "per_step_ranking",
         "logger=none",
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "unknown target kind 'regression_per_step'" in result.stderr
+    assert "unknown target kind 'ranking_per_step'" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

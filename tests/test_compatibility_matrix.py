@@ -39,8 +39,8 @@ def test_a_tiny_fit_runs_and_every_parameter_learns(cell, data, tmp_path):
     L.seed_everything(0, verbose=False)
     model, datamodule = build_model_and_data(tiny_config(cell, data, tmp_path), REGISTRY)
     datamodule.setup("fit")
-    inputs, targets = next(iter(datamodule.train_dataloader()))
-    loss = model.training_step((inputs, targets), 0)
+    batch = next(iter(datamodule.train_dataloader()))
+    loss = model.training_step(batch, 0)
     assert math.isfinite(loss.item())
     loss.backward()
     for name, parameter in model.named_parameters():

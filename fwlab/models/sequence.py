@@ -7,6 +7,7 @@ and the metrics follow its target kind (:mod:`fwlab.targets`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,6 +32,8 @@ class SequenceModelConfig:
     embedding_size: int = 100
     # ReLU layer between the cell and the softmax (Ba et al.: 100 units); 0 for none.
     head_hidden_size: int = 100
+    # Regression targets only: gaussian_nll (the head predicts a mean and a variance) or mse.
+    regression_loss: str = "gaussian_nll"
 
 
 class SequenceModel(L.LightningModule):
@@ -45,7 +48,7 @@ class SequenceModel(L.LightningModule):
         self.spec = spec
         self.config = config
         self.optim_config = optim
-        self.target = get_target(spec.target_kind)
+        self.target = get_target(spec.target_kind, loss=config.regression_loss)
         self.encoder = _make_encoder(spec, config.embedding_size)
         self.cell = cell
         head_input = cell.output_size
@@ -77,7 +80,7 @@ class SequenceModel(L.LightningModule):
         values = OmegaConf.to_container(config.model, resolve=True)
         cell_config = cell_cls.Config(**{f.name: values[f.name] for f in fields(cell_cls.Config)})
         model_config = cls.Config(**{f.name: values[f.name] for f in fields(cls.Config)})
-        get_target(spec.target_kind).output_size(spec)  # fails early on a bad pairing
+        get_target(spec.target_kind, loss=model_config.regression_loss).output_size(spec)
         if spec.input_kind not in ("tokens", "vectors"):
             raise IncompatibleError(f"input kind '{spec.input_kind}' is not tokens or vectors")
         cell_cls.check_compatible(cell_config, spec)
@@ -91,12 +94,12 @@ class SequenceModel(L.LightningModule):
         outputs, _ = self.cell(self.encoder(inputs))  # (B, T, H_out)
         return self.head(self.target.select(outputs))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        inputs, targets = batch
+    def _shared_step(self, batch: Sequence[torch.Tensor], split: str) -> torch.Tensor:
+        inputs, targets, *extras = batch  # extras: e.g. a baseline's predictions
         predictions = self(inputs)
         loss = self.target.loss(predictions, targets)
         metrics = self.metrics[f"{split}_metrics"]
-        metrics.update(predictions.detach(), targets)
+        self.target.update_metrics(metrics, predictions.detach(), targets, extras)
         on_step = split == "train"
         self.log(
             f"{split}/loss",
@@ -107,21 +110,37 @@ class SequenceModel(L.LightningModule):
             sync_dist=not on_step,
             batch_size=targets.shape[0],
         )
-        self.log_dict(
-            {f"{split}/{k}": m for k, m in metrics.items()},
-            on_step=False,
-            on_epoch=True,
-            prog_bar=split != "test",
-        )
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+    def _log_epoch_metrics(self, split: str) -> None:
+        """Compute (synchronised across processes by torchmetrics), log and reset a split's
+        metrics; a metric may return several values (a dict), each logged by its own name."""
+        metrics = self.metrics[f"{split}_metrics"]
+        values: dict[str, torch.Tensor] = {}
+        for name, value in metrics.compute().items():
+            if isinstance(value, dict):
+                values.update({f"{split}/{name}_{k}": v for k, v in value.items()})
+            else:
+                values[f"{split}/{name}"] = value
+        self.log_dict(values, prog_bar=split != "test")
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def training_step(self, batch: Sequence[torch.Tensor], _: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+    def validation_step(self, batch: Sequence[torch.Tensor], _: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+    def test_step(self, batch: Sequence[torch.Tensor], _: int) -> None:
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -80,8 +80,8 @@ class BNLSTMCell(Cell):
         input_part = x @ self.input_weights.T  # (B, T, 4H): W_x x_t for all t at once
         start = int(state.time[0]) if state.time.numel() else 0
         h, c, outputs = state.h, state.c, []
-        for offset in range(x.shape[1]):
-            h, c = self._advance(input_part[:, offset], h, c, start + offset)
+        for offset, input_t in enumerate(input_part.unbind(1)):  # unbind: O(T) backward
+            h, c = self._advance(input_t, h, c, start + offset)
             outputs.append(h)
         time = state.time + x.shape[1]
         return torch.stack(outputs, dim=1), BNLSTMState(h, c, time)

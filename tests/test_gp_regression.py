@@ -1,0 +1,77 @@
+"""Few-shot GP regression episodes and the regression-per-step target."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fwlab.targets import get_target
+from fwlab_plugins.data.gp_regression import (
+    GPRegressionConfig,
+    GPRegressionDataModule,
+    generate,
+    posterior_means,
+    rbf_kernel,
+)
+
+
+def test_inputs_are_x_and_the_previous_target():
+    config = GPRegressionConfig(episode_length=7)
+    inputs, targets, _ = generate(5, config, "train")
+    assert inputs.shape == (5, 7, 2) and targets.shape == (5, 7)
+    assert torch.all(inputs[:, 0, 1] == 0)  # no label before the first step
+    torch.testing.assert_close(inputs[:, 1:, 1], targets[:, :-1])
+    assert inputs[..., 0].min() >= config.x_low and inputs[..., 0].max() <= config.x_high
+
+
+def test_posterior_mean_against_a_hand_checked_case():
+    """One past point: μ = k(x1, x0) / (k(x0, x0) + σ_n²) · y0."""
+    config = GPRegressionConfig(lengthscale=1.0, signal_std=1.0, noise_std=0.5)
+    x = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    means = posterior_means(x, y, config)
+    expected = math.exp(-0.5) / (1.0 + 0.25) * 2.0
+    assert means[0, 0] == 0.0 and abs(means[0, 1].item() - expected) < 1e-12
+
+
+def test_samples_have_the_kernels_covariance():
+    config = GPRegressionConfig(episode_length=3, noise_std=0.0, lengthscale=0.7, signal_std=1.5)
+    inputs, targets, _ = generate(20_000, config, "train")
+    x, y = inputs[..., 0].double(), targets.double()
+    # Empirical E[y_0 y_1] against E[k(x_0, x_1)] over the same x's.
+    empirical = (y[:, 0] * y[:, 1]).mean()
+    expected = rbf_kernel(x[:, :1], x[:, 1:2], 0.7, 1.5).mean()
+    assert abs(empirical - expected) < 0.05
+    assert abs(y.var() - 1.5**2) < 0.1
+
+
+def test_the_baseline_improves_with_more_points():
+    inputs, targets, baseline = generate(500, GPRegressionConfig(episode_length=20), "val")
+    error = (baseline - targets).square().mean(0)
+    assert error[15:].mean() < 0.25 * error[0]
+
+
+def test_deterministic_per_split_and_seed():
+    config = GPRegressionConfig(episode_length=5)
+    a, b = generate(10, config, "test"), generate(10, config, "test")
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], generate(10, config, "val")[0])
+    module = GPRegressionDataModule(GPRegressionConfig(**GPRegressionDataModule.tiny_example(None)))
+    module.setup()
+    assert len(module.datasets["train"]) == 16 and module.spec.target_kind == "regression_per_step"
+
+
+def test_regression_target_losses_and_baseline_metric():
+    nll = get_target("regression_per_step", loss="gaussian_nll")
+    predictions = torch.zeros(2, 3, 2)  # mean 0, softplus(0) variance
+    targets = torch.ones(2, 3)
+    variance = torch.nn.functional.softplus(torch.tensor(0.0)) + 1e-6
+    expected = 0.5 * (math.log(2 * math.pi) + math.log(variance) + 1 / variance)
+    assert abs(nll.loss(predictions, targets).item() - expected) < 1e-5
+    mse = get_target("regression_per_step", loss="mse")
+    assert mse.output_size(None) == 1 and mse.loss(torch.zeros(2, 3, 1), targets).item() == 1.0
+    metrics = nll.metrics(None)
+    nll.update_metrics(metrics, predictions, targets, [torch.full((2, 3), 0.5)])
+    values = metrics.compute()
+    assert values["mse"].item() == 1.0 and abs(values["baseline_mse"].item() - 0.25) < 1e-7
