@@ -121,3 +121,38 @@ def test_the_real_mnist_test_set_loads():
     assert np.bincount(labels).tolist()[:3] == [980, 1135, 1032]  # MNIST's known test counts
     splits = mnist_splits(SHARED_DATA / "mnist", False, 5000, (0.8, 0.1, 0.1), seed=1234)
     assert [len(splits[s][0]) for s in ("train", "val", "test")] == [8000, 1000, 1000]
+
+
+def test_glimpse_schedule_is_coarse_to_fine_with_locations():
+    from fwlab_plugins.data.glimpses import GlimpsesConfig, glimpse_sequences, schedule
+
+    assert schedule(3)[:6] == [(0, 0, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1), (2, 0, 0)]
+    images = torch.rand(2, 28, 28)
+    sequences = glimpse_sequences(images, GlimpsesConfig())
+    assert sequences.shape == (2, 21, 49 + 3)
+    # Level 0: the whole image pooled 4×4; level 1, top-right quadrant pooled 2×2;
+    # level 2: the 7×7 blocks at full resolution.
+    whole = images.reshape(2, 7, 4, 7, 4).mean((2, 4)).reshape(2, 49)
+    torch.testing.assert_close(sequences[:, 0, :49], whole)
+    top_right = images[:, :14, 14:].reshape(2, 7, 2, 7, 2).mean((2, 4)).reshape(2, 49)
+    torch.testing.assert_close(sequences[:, 2, :49], top_right)
+    torch.testing.assert_close(sequences[:, 20, :49], images[:, 21:, 21:].reshape(2, 49))
+    # Locations: centre (row, column) in [-1, 1] and level in [0, 1].
+    assert sequences[0, 0, 49:].tolist() == [0.0, 0.0, 0.0]
+    assert sequences[0, 2, 49:].tolist() == [-0.5, 0.5, 0.5]
+    onehot = glimpse_sequences(images, GlimpsesConfig(location="onehot"))
+    assert onehot.shape == (2, 21, 49 + 21) and torch.equal(onehot[0, :, 49:], torch.eye(21))
+
+
+def test_glimpses_datamodule_reads_the_idx_files(tmp_path):
+    from fwlab_plugins.data.glimpses import GlimpsesConfig, GlimpsesMNISTDataModule
+
+    write_idx_set(tmp_path, "t10k", *random_digits(30, seed=9))
+    module = GlimpsesMNISTDataModule(GlimpsesConfig(root=str(tmp_path), levels=2))
+    module.setup()
+    inputs, labels = module.datasets["train"].tensors
+    assert inputs.shape == (24, 5, 52) and module.spec.seq_len == 5
+    with pytest.raises(ConfigError, match="data.levels=4"):
+        GlimpsesMNISTDataModule(GlimpsesConfig(root=str(tmp_path), levels=4)).to_sequences(
+            np.zeros((1, 28, 28), dtype=np.uint8)
+        )

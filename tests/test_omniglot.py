@@ -13,6 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 from fwlab.errors import ConfigError
 from fwlab.metrics import PerInstanceAccuracy
 from fwlab_plugins.data.omniglot import (
+    EpisodeDataset,
     OmniglotConfig,
     OmniglotDataModule,
     write_example_omniglot,
@@ -218,3 +219,16 @@ def test_the_cli_trains_on_omniglot_and_saves_the_split(tmp_path):
     split = json.loads((run_dir / "omniglot_split.json").read_text())
     assert len(split["train"]) == 3 and len(split["held_out"]) == 3
     assert "accuracy % by instance" in result.stdout
+
+
+def test_labels_are_consistent_within_an_episode():
+    """Classes of constant images (class c has value c/10): equal images, equal labels."""
+    classes = [np.full((5, 20, 20), c / 10, dtype=np.float32) for c in range(6)]
+    config = OmniglotConfig(classes_per_episode=4, instances_per_class=5, augment=False)
+    dataset = EpisodeDataset(classes, config, "train", length=20)
+    for index in range(20):
+        inputs, targets, _ = dataset[index]
+        label_of = {}
+        for value, label in zip(inputs[:, 0].tolist(), targets.tolist()):
+            assert label_of.setdefault(round(value, 3), label) == label
+        assert len(label_of) == 4 and sorted(label_of.values()) == [0, 1, 2, 3]

@@ -1,0 +1,53 @@
+"""The shared part of the MNIST datamodules: where the images come from, and the splits.
+
+A subclass turns uint8 images (N, 28, 28) into input sequences (:meth:`to_sequences`) and
+declares its spec; the targets are the digits (one class per sequence).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fwlab.datamodule import DataConfig, DataModule
+from fwlab_plugins.data.mnist_files import mnist_splits, random_digits, write_idx_set
+
+
+@dataclass
+class MNISTConfig(DataConfig):
+    root: str = "data/mnist"  # folder of the idx files (or torchvision's MNIST/raw under it)
+    download: bool = False  # fetch with torchvision when nothing is found
+    val_size: int = 5000  # validation images taken from the 60,000 training images
+    # train/val/test fractions when the root holds one set only (e.g. the 10,000 test images)
+    pool_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+
+
+class MNISTSequenceDataModule(DataModule):
+    """MNIST images as sequences (a base: subclasses define the sequence)."""
+
+    Config = MNISTConfig
+
+    @classmethod
+    def tiny_example(cls, directory: Path) -> dict[str, Any]:
+        write_idx_set(directory, "t10k", *random_digits(40, seed=0))
+        return {"root": str(directory), "val_size": 8}
+
+    @abstractmethod
+    def to_sequences(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, 28, 28) -> float sequences (N, T, I)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        config = self.config
+        splits = mnist_splits(
+            config.root, config.download, config.val_size, tuple(config.pool_fractions), config.seed
+        )
+        for name, (images, labels) in splits.items():
+            self.datasets[name] = TensorDataset(self.to_sequences(images), torch.from_numpy(labels))
