@@ -12,7 +12,8 @@ Writing a datamodule::
         @property
         def spec(self) -> DataSpec: ...     # known from the config, before setup()
         def setup(self, stage=None):        # fill self.datasets["train" | "val" | "test"]
-            ...
+            ...                             # (fwlab calls it before Lightning does: make the
+                                            #  second call cheap)
 
 The loaders come from ``self.datasets`` (override them for anything else), and
 :meth:`DataModule.tiny_example` lets tests, the compatibility matrix included, run the

@@ -151,6 +151,9 @@ def run(invocation: Invocation) -> int:
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     model, datamodule = build_model_and_data(config, registry)
+    # Load the data now: a missing or malformed dataset fails before a run directory exists.
+    # (Lightning calls setup() again; fwlab's datamodules return at once the second time.)
+    datamodule.setup("fit" if invocation.command == "fit" else invocation.command)
 
     name = config.run_name or ""
     plain = to_plain(config)

@@ -156,3 +156,20 @@ def test_glimpses_datamodule_reads_the_idx_files(tmp_path):
         GlimpsesMNISTDataModule(GlimpsesConfig(root=str(tmp_path), levels=4)).to_sequences(
             np.zeros((1, 28, 28), dtype=np.uint8)
         )
+
+
+def test_a_missing_dataset_fails_before_a_run_directory_is_made(tmp_path):
+    from .conftest import run_fwlab
+
+    result = run_fwlab(
+        "fit",
+        "--model",
+        "lstm",
+        "--data",
+        "seqmnist",
+        f"data.root={tmp_path / 'nowhere'}",
+        "logger=none",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "no MNIST idx files under data.root=" in result.stderr
+    assert not (tmp_path / "runs").exists()

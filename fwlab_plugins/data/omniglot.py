@@ -181,8 +181,11 @@ class OmniglotDataModule(DataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+        if not self.datasets:
+            self._load()
+        self._save_split()  # once a trainer is attached (Lightning's own call of setup)
+
+    def _load(self) -> None:
         config = self.config
         drawings = load_omniglot(config.root, config.image_size, config.download)
         keys = list(drawings)
@@ -203,7 +206,6 @@ class OmniglotDataModule(DataModule):
         for split, length in lengths.items():
             classes = sides["train" if split == "train" else "held_out"]
             self.datasets[split] = EpisodeDataset(classes, config, split, length)
-        self._save_split()
 
     def _classes(
         self, drawings: dict[CharacterKey, np.ndarray], keys: list[CharacterKey]
