@@ -57,6 +57,18 @@ class Target(ABC):
         return [f"{key}: {value:.4g}" for key, value in sorted(results.items())]
 
 
+def _error_summary(results: dict[str, float], split: str) -> list[str]:
+    """The error in % (the papers' unit) from a logged ``<split>/acc``; [] if none was."""
+    accuracy = results.get(f"{split}/acc")
+    if accuracy is None:
+        return []
+    loss = results.get(f"{split}/loss", float("nan"))
+    return [
+        f"{split} error:      {100.0 * (1.0 - accuracy):.2f} %"
+        f"   (accuracy {100.0 * accuracy:.2f} %, loss {loss:.4f})"
+    ]
+
+
 class ClassPerSequence(Target):
     """One class label per sequence, read from the last step (associative retrieval)."""
 
@@ -80,14 +92,7 @@ class ClassPerSequence(Target):
         return MetricCollection({"acc": MulticlassAccuracy(spec.num_classes, average="micro")})
 
     def summary(self, results: dict[str, float], split: str) -> list[str]:
-        accuracy = results.get(f"{split}/acc")
-        if accuracy is None:
-            return super().summary(results, split)
-        loss = results.get(f"{split}/loss", float("nan"))
-        return [
-            f"{split} error:      {100.0 * (1.0 - accuracy):.2f} %"
-            f"   (accuracy {100.0 * accuracy:.2f} %, loss {loss:.4f})"
-        ]
+        return _error_summary(results, split) or super().summary(results, split)
 
 
 class ClassPerStep(Target):
@@ -139,7 +144,7 @@ class ClassPerStep(Target):
             metrics["per_instance"].update(correct, extras[0])
 
     def summary(self, results: dict[str, float], split: str) -> list[str]:
-        lines = ClassPerSequence.summary(self, results, split)  # type: ignore[arg-type]
+        lines = _error_summary(results, split) or super().summary(results, split)
         per_instance = [
             f"{k}: {100 * results[f'{split}/instance_{k}']:.1f}"
             for k in SANTORO_INSTANCES

@@ -34,7 +34,12 @@ from torch.utils.data import Dataset
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
-from fwlab_plugins.data.omniglot_files import CharacterKey, load_omniglot, split_classes
+from fwlab_plugins.data.omniglot_files import (
+    CharacterKey,
+    load_omniglot,
+    split_classes,
+    write_example_omniglot,
+)
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 STRING_LENGTH, STRING_SYMBOLS = 5, 5  # Santoro et al.'s string labels
@@ -221,45 +226,3 @@ class OmniglotDataModule(DataModule):
         path = Path(trainer.default_root_dir) / SPLIT_FILE
         if not path.exists():
             path.write_text(json.dumps(self.class_split, indent=1) + "\n")
-
-
-def write_example_omniglot(
-    directory: Path,
-    alphabets: int,
-    characters: int,
-    drawings: int,
-    zipped: bool = False,
-    seed: int = 0,
-) -> None:
-    """Write random 105×105 'drawings' in Omniglot's layout (a folder, or a zip of it)."""
-    import zipfile
-
-    from PIL import Image
-
-    rng = np.random.Generator(np.random.PCG64(seed))
-    root = directory / "images_background"
-    files = {}
-    for a in range(alphabets):
-        for c in range(characters):
-            for d in range(drawings):
-                pixels = np.where(rng.random((105, 105)) < 0.9, 255, 0).astype(np.uint8)
-                buffer = io_bytes(Image.fromarray(pixels).convert("1"))
-                files[f"Alphabet_{a}/character{c + 1:02d}/{a:02d}{c:02d}_{d + 1:02d}.png"] = buffer
-    if zipped:
-        directory.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(directory / "images_background.zip", "w") as archive:
-            for name, data in files.items():
-                archive.writestr(f"images_background/{name}", data)
-        return
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-def io_bytes(image: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -16,6 +16,7 @@ import io
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,3 +95,41 @@ def split_classes(
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(keys))
     cut = int(round(train_fraction * len(keys)))
     return [keys[i] for i in sorted(order[:cut])], [keys[i] for i in sorted(order[cut:])]
+
+
+def write_example_omniglot(
+    directory: Path,
+    alphabets: int,
+    characters: int,
+    drawings: int,
+    zipped: bool = False,
+    seed: int = 0,
+) -> None:
+    """Write random 105×105 'drawings' in Omniglot's layout (a folder, or a zip of it)."""
+    from PIL import Image
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    root = directory / "images_background"
+    files = {}
+    for a in range(alphabets):
+        for c in range(characters):
+            for d in range(drawings):
+                pixels = np.where(rng.random((105, 105)) < 0.9, 255, 0).astype(np.uint8)
+                buffer = png_bytes(Image.fromarray(pixels).convert("1"))
+                files[f"Alphabet_{a}/character{c + 1:02d}/{a:02d}{c:02d}_{d + 1:02d}.png"] = buffer
+    if zipped:
+        directory.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(directory / "images_background.zip", "w") as archive:
+            for name, data in files.items():
+                archive.writestr(f"images_background/{name}", data)
+        return
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
