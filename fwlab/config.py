@@ -329,6 +329,14 @@ def compose(
     return config
 
 
+def dataclass_from(config_cls: type, node: DictConfig) -> Any:
+    """An instance of the dataclass ``config_cls`` from the keys of ``node`` it declares (a
+    model's section also holds the keys of its cell, a run's data section its name)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    return config_cls(**{f.name: values[f.name] for f in dataclasses.fields(config_cls)})
+
+
 def to_plain(config: DictConfig) -> dict[str, Any]:
     """A resolved, plain-Python copy of a config (enums as strings), for saving and logging."""
     return OmegaConf.to_container(config, resolve=True, enum_to_str=True)  # type: ignore[return-value]

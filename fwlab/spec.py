@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-InputKind = Literal["tokens", "vectors"]
+InputKind = Literal["tokens", "vectors", "images", "category_pairs"]
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,10 @@ class DataSpec:
 
     - ``input_kind="tokens"``: inputs are int64 ``(B, T)`` in ``[0, input_size)``;
     - ``input_kind="vectors"``: inputs are float ``(B, T, input_size)``;
+    - ``input_kind="images"``: inputs are float ``(B, H, W)`` in [0, 1], ``input_size = H·W``
+      (static images, e.g. for a VAE; the sequence model refuses them);
+    - ``input_kind="category_pairs"``: inputs are int64 ``(B, seq_len, 2)``, pairs of
+      categories in ``[0, input_size)`` (the samples of a transfer episode, as in Bengio et al.);
     - ``target_kind`` names an entry of :data:`fwlab.targets.TARGETS`
       (``"class_per_sequence"``: targets are int64 ``(B,)`` in ``[0, num_classes)``;
       ``"class_per_step"``: ``(B, T)``, or ``(B, T, target_groups)``, with a third batch tensor

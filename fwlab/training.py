@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -15,12 +14,19 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from fwlab.config import GENERIC_MODEL, LoggerConfig, compose, to_plain, to_yaml
+from fwlab.config import (
+    GENERIC_MODEL,
+    LoggerConfig,
+    compose,
+    dataclass_from,
+    to_plain,
+    to_yaml,
+)
 from fwlab.errors import ConfigError
 from fwlab.loggers import WANDB_ID_FILE, make_logger
+from fwlab.objective import objective_of
 from fwlab.registry import Registry, default_registry
 from fwlab.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, create_run_dir, run_dir_of
-from fwlab.targets import get_target
 
 CHECKPOINT_CONFIG_KEY = "fwlab_config"
 RESULTS_FILE = "results.json"
@@ -79,12 +85,7 @@ def build_model_and_data(
 ) -> tuple[L.LightningModule, L.LightningDataModule]:
     """Instantiate the datamodule and the model a config names, checking they pair up."""
     data_cls = registry.get("data", config.data.name)
-    data_values = OmegaConf.to_container(config.data, resolve=True)
-    datamodule = data_cls(
-        data_cls.Config(
-            **{f.name: data_values[f.name] for f in dataclasses.fields(data_cls.Config)}
-        )
-    )
+    datamodule = data_cls(dataclass_from(data_cls.Config, config.data))
     name = config.model.name
     model_cls = registry.get("model", name if ("model", name) in registry else GENERIC_MODEL)
     model = model_cls.build(config, datamodule.spec, registry)
@@ -199,14 +200,14 @@ def _train_and_evaluate(
     if logger is not None:
         logger.log_hyperparams(plain)
 
-    target = get_target(datamodule.spec.target_kind)
-    monitor = f"val/{target.monitor}"
+    objective = objective_of(model)
+    monitor = f"val/{objective.monitor}"
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename="best-epoch{epoch}-step{step}",
         auto_insert_metric_name=False,
         monitor=monitor,
-        mode=target.monitor_mode,
+        mode=objective.monitor_mode,
         save_last=True,
     )
     trainer = L.Trainer(
@@ -249,7 +250,7 @@ def _train_and_evaluate(
             run_dir,
             config_path,
             evaluated,
-            target.summary(results, split),
+            objective.summary(results, split),
             wall_time,
         )
     if logger is not None:

@@ -8,15 +8,16 @@ and the metrics follow its target kind (:mod:`fwlab.targets`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from fwlab.cell import Cell
+from fwlab.config import dataclass_from
 from fwlab.errors import ConfigError, IncompatibleError
 from fwlab.optim import OptimConfig, make_optimizer
 from fwlab.spec import DataSpec
@@ -49,6 +50,7 @@ class SequenceModel(L.LightningModule):
         self.config = config
         self.optim_config = optim
         self.target = get_target(spec.target_kind, loss=config.regression_loss)
+        self.objective = self.target  # checkpoints select on the target's metric
         self.encoder = _make_encoder(spec, config.embedding_size)
         self.cell = cell
         head_input = cell.output_size
@@ -77,16 +79,18 @@ class SequenceModel(L.LightningModule):
                 f"naming its cell, e.g. --model lstm (cells: {', '.join(registry.names('cell'))})"
             )
         cell_cls = registry.get("cell", name)
-        values = OmegaConf.to_container(config.model, resolve=True)
-        cell_config = cell_cls.Config(**{f.name: values[f.name] for f in fields(cell_cls.Config)})
-        model_config = cls.Config(**{f.name: values[f.name] for f in fields(cls.Config)})
-        get_target(spec.target_kind, loss=model_config.regression_loss).output_size(spec)
+        cell_config = dataclass_from(cell_cls.Config, config.model)
+        model_config = dataclass_from(cls.Config, config.model)
         if spec.input_kind not in ("tokens", "vectors"):
-            raise IncompatibleError(f"input kind '{spec.input_kind}' is not tokens or vectors")
+            raise IncompatibleError(
+                f"cell {name} runs in the sequence model, which reads token or vector "
+                f"sequences; this datamodule gives '{spec.input_kind}' (its models: "
+                f"`fwlab list model`)"
+            )
+        get_target(spec.target_kind, loss=model_config.regression_loss).output_size(spec)
         cell_cls.check_compatible(cell_config, spec)
         cell = cell_cls(cls.encoder_output_size(spec, model_config.embedding_size), cell_config)
-        optim = OptimConfig(**OmegaConf.to_container(config.optim, resolve=True))
-        return cls(cell, spec, model_config, optim)
+        return cls(cell, spec, model_config, dataclass_from(OptimConfig, config.optim))
 
     # -- computation ------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
-from fwlab_plugins.data.mnist_sequences import MNISTConfig, MNISTSequenceDataModule
+from fwlab_plugins.data.mnist_base import MNISTConfig, MNISTDataModuleBase
 
 IMAGE_SIZE = 28
 
@@ -82,7 +82,7 @@ def glimpse_sequences(images: torch.Tensor, config: GlimpsesConfig) -> torch.Ten
     return torch.cat([glimpses, where.expand(count, -1, -1)], dim=-1)
 
 
-class GlimpsesMNISTDataModule(MNISTSequenceDataModule):
+class GlimpsesMNISTDataModule(MNISTDataModuleBase):
     """MNIST as a coarse-to-fine sequence of glimpses with their locations (Ba et al. 2016)."""
 
     Config = GlimpsesConfig
@@ -99,5 +99,5 @@ class GlimpsesMNISTDataModule(MNISTSequenceDataModule):
             seq_len=steps,
         )
 
-    def to_sequences(self, images: np.ndarray) -> torch.Tensor:
+    def to_inputs(self, images: np.ndarray) -> torch.Tensor:
         return glimpse_sequences(torch.from_numpy(images.astype(np.float32) / 255), self.config)

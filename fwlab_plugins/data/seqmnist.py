@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fwlab.spec import DataSpec
-from fwlab_plugins.data.mnist_sequences import MNISTConfig, MNISTSequenceDataModule
+from fwlab_plugins.data.mnist_base import MNISTConfig, MNISTDataModuleBase
 
 PIXELS = 28 * 28
 
@@ -29,7 +29,7 @@ def pixel_permutation(seed: int) -> torch.Tensor:
     return torch.randperm(PIXELS, generator=torch.Generator().manual_seed(seed))
 
 
-class SequentialMNISTDataModule(MNISTSequenceDataModule):
+class SequentialMNISTDataModule(MNISTDataModuleBase):
     """Sequential (pixel-by-pixel) MNIST, 784 steps; data.permute=true for permuted MNIST."""
 
     Config = SequentialMNISTConfig
@@ -38,7 +38,7 @@ class SequentialMNISTDataModule(MNISTSequenceDataModule):
     def spec(self) -> DataSpec:
         return DataSpec("vectors", 1, "class_per_sequence", num_classes=10, seq_len=PIXELS)
 
-    def to_sequences(self, images: np.ndarray) -> torch.Tensor:
+    def to_inputs(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, 28, 28) -> float sequences (N, 784, 1)."""
         sequences = torch.from_numpy(images.reshape(len(images), PIXELS).astype(np.float32) / 255)
         if self.config.permute:

@@ -1,7 +1,7 @@
 """The shared part of the MNIST datamodules: where the images come from, and the splits.
 
-A subclass turns uint8 images (N, 28, 28) into input sequences (:meth:`to_sequences`) and
-declares its spec; the targets are the digits (one class per sequence).
+A subclass turns uint8 images (N, 28, 28) into its inputs (:meth:`to_inputs`: sequences of
+pixels or glimpses, or static images) and declares its spec; the targets are the digits.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class MNISTConfig(DataConfig):
     pool_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
 
 
-class MNISTSequenceDataModule(DataModule):
-    """MNIST images as sequences (a base: subclasses define the sequence)."""
+class MNISTDataModuleBase(DataModule):
+    """MNIST from its idx files, split (a base: subclasses define the inputs)."""
 
     Config = MNISTConfig
 
@@ -39,8 +39,8 @@ class MNISTSequenceDataModule(DataModule):
         return {"root": str(directory), "val_size": 8}
 
     @abstractmethod
-    def to_sequences(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 images (N, 28, 28) -> float sequences (N, T, I)."""
+    def to_inputs(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, 28, 28) -> the inputs of the N examples."""
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -50,4 +50,4 @@ class MNISTSequenceDataModule(DataModule):
             config.root, config.download, config.val_size, tuple(config.pool_fractions), config.seed
         )
         for name, (images, labels) in splits.items():
-            self.datasets[name] = TensorDataset(self.to_sequences(images), torch.from_numpy(labels))
+            self.datasets[name] = TensorDataset(self.to_inputs(images), torch.from_numpy(labels))
