@@ -36,3 +36,30 @@ class PerInstanceAccuracy(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         accuracy = self.correct / self.total.clamp(min=1)
         return {f"instance_{k}": accuracy[i] for i, k in enumerate(self.instances)}
+
+
+class MeanCurve(Metric):
+    """The mean of curves sampled at fixed points, e.g. a held-out log-likelihood after
+    0, 10, 20, ... examples of adaptation: ``update(curves)`` takes ``(B, P)``; ``compute()``
+    gives the ``mean`` ``(P,)`` and its standard error ``stderr``. Sums, so exact across DDP
+    processes."""
+
+    full_state_update = False
+
+    def __init__(self, points: int) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", torch.zeros(points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, curves: torch.Tensor) -> None:
+        curves = curves.detach().to(torch.float64)
+        self.total += curves.sum(0)
+        self.squares += (curves**2).sum(0)
+        self.count += curves.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.count.clamp(min=1)
+        mean = self.total / count
+        variance = (self.squares / count - mean**2).clamp(min=0)
+        return {"mean": mean, "stderr": (variance / (self.count - 1).clamp(min=1)).sqrt()}
