@@ -21,19 +21,43 @@ datamodule on a few examples in its real on-disk format.
 
 Whatever the number of workers or processes, the data must be the same: generate it from
 ``config.seed`` alone, never from the global random state.
+
+Under DDP every process builds the same splits and reads its own shard (:func:`shard_sampler`).
 """
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from fwlab.spec import DataSpec
+
+
+def shard_sampler(dataset: Dataset, split: str, trainer: L.Trainer | None) -> Sampler | None:
+    """This process's shard of ``dataset`` when the trainer runs several; None when it runs one.
+
+    Evaluation splits are cut exactly: process r of W reads examples r, r + W, r + 2W, ...,
+    so every example is scored once and none twice (shards may differ in length by one).
+    Training shards must be equally long, or the processes' gradient all-reduces would fall out
+    of step: each epoch, a fresh permutation (seeded by the run's seed and the epoch) is cut into
+    W equal shards; when W does not divide the split, the few examples left at the end of that
+    epoch's permutation wait for a later epoch (no example is ever read twice in an epoch).
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    replicas = trainer.world_size
+    rank = trainer.global_rank
+    if split == "train":
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return DistributedSampler(dataset, replicas, rank, shuffle=True, seed=seed, drop_last=True)
+    return UnrepeatedDistributedSampler(dataset, replicas, rank, shuffle=False)
 
 
 @dataclass
@@ -69,10 +93,13 @@ class DataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__}.setup() did not create a '{split}' split")
+        dataset = self.datasets[split]
+        sampler = shard_sampler(dataset, split, self.trainer)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.config.batch_size,
-            shuffle=split == "train",
+            shuffle=split == "train" and sampler is None,
+            sampler=sampler,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
         )

@@ -131,6 +131,37 @@ def _write_new(path: Path, text: str) -> Path:
     return candidate
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher (torchrun, srun, Lightning) set it; 0 alone."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return int(os.environ.get("LOCAL_RANK", 0))  # a rank Lightning started on this machine
+
+
+def _job_run_dir(run_dir: Path, config_yaml: str) -> tuple[Path, Path]:
+    """A run directory given by ``FWLAB_RUN_DIR``: by fwlab to the DDP ranks Lightning starts,
+    by the sbatch script of ``fwlab slurm`` to every task of the job (the same one again when the
+    job is requeued), by ``fwlab sweep`` to a trial. Rank zero creates it and writes the config
+    unless the same config is there already."""
+    config_path = run_dir / CONFIG_FILE
+    if launch_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not config_path.exists():
+            config_path.write_text(config_yaml)
+        elif config_path.read_text() != config_yaml:
+            config_path = _write_new(config_path, config_yaml)
+    return run_dir, config_path
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest of Lightning's requeue checkpoints (``hpc_ckpt_<n>.ckpt``, saved on SLURM's
+    signal before the time limit) and ``checkpoints/last.ckpt``; None for a fresh run."""
+    candidates = [*run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT]
+    existing = [path for path in candidates if path.is_file()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+
+
 def run(invocation: Invocation) -> int:
     """Carry out one command; returns the exit status."""
     started = time.monotonic()
@@ -159,8 +190,10 @@ def run(invocation: Invocation) -> int:
     name = config.run_name or ""
     plain = to_plain(config)
     inherited = os.environ.get(RUN_DIR_ENV_VAR)
-    if inherited:  # a process Lightning launched for another DDP rank: the same run directory
-        run_dir, config_path = Path(inherited), Path(inherited) / CONFIG_FILE
+    if inherited:
+        run_dir, config_path = _job_run_dir(Path(inherited), to_yaml(config))
+        if invocation.command == "fit" and resume_from is None:
+            resume_from = _newest_checkpoint(run_dir)  # a requeued job continues
     else:
         run_dir = resume_dir or create_run_dir(
             config.output_dir, invocation.command, config.model.name, config.data.name, name
@@ -235,7 +268,7 @@ def _train_and_evaluate(
 
     wall_time = time.monotonic() - started
     if trainer.is_global_zero:
-        record = {
+        record: dict[str, Any] = {
             "command": invocation.command,
             "model": config.model.name,
             "data": config.data.name,
@@ -243,6 +276,14 @@ def _train_and_evaluate(
             "metrics": results,
             "wall_time_s": wall_time,
         }
+        if invocation.command == "fit":
+            best = checkpoints.best_model_score
+            record["best"] = {  # the validation metric that chose the tested checkpoint
+                "monitor": monitor,
+                "mode": objective.monitor_mode,
+                "value": None if best is None else float(best),
+            }
+            record["global_step"] = trainer.global_step
         _write_new(run_dir / RESULTS_FILE, json.dumps(record, indent=2) + "\n")
         _print_summary(
             invocation.command,

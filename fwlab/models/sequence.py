@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torchmetrics import MeanMetric
 
 from fwlab.cell import Cell
 from fwlab.config import dataclass_from
@@ -64,6 +65,7 @@ class SequenceModel(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{split}_metrics": self.target.metrics(spec) for split in SPLITS}
         )
+        self.mean_loss = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
 
     @staticmethod
     def encoder_output_size(spec: DataSpec, embedding_size: int) -> int:
@@ -104,23 +106,19 @@ class SequenceModel(L.LightningModule):
         loss = self.target.loss(predictions, targets)
         metrics = self.metrics[f"{split}_metrics"]
         self.target.update_metrics(metrics, predictions.detach(), targets, extras)
-        on_step = split == "train"
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-            batch_size=targets.shape[0],
-        )
+        self.mean_loss[f"{split}_loss"].update(loss.detach(), weight=targets.shape[0])
+        if split == "train":
+            self.log("train/loss_step", loss, prog_bar=True, batch_size=targets.shape[0])
         return loss
 
     def _log_epoch_metrics(self, split: str) -> None:
         """Compute (synchronised across processes by torchmetrics), log and reset a split's
         metrics; a metric may return several values (a dict), each logged by its own name."""
         metrics = self.metrics[f"{split}_metrics"]
-        values: dict[str, torch.Tensor] = {}
+        # the mean loss over every example of every process (weighted, so exact for DDP shards)
+        loss_name = "train/loss_epoch" if split == "train" else f"{split}/loss"
+        values: dict[str, torch.Tensor] = {loss_name: self.mean_loss[f"{split}_loss"].compute()}
+        self.mean_loss[f"{split}_loss"].reset()
         for name, value in metrics.compute().items():
             if isinstance(value, dict):
                 values.update({f"{split}/{name}_{k}": v for k, v in value.items()})

@@ -139,19 +139,11 @@ class MixtureVAE(L.LightningModule):
         images = batch[0]
         elbo = self.elbo_estimate(images)
         loss = -elbo.mean()
-        on_step = split == "train"
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-            batch_size=len(images),
-        )
-        metric = self.elbo[f"{split}_elbo"]
+        if split == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        metric = self.elbo[f"{split}_elbo"]  # torchmetrics: exact over every DDP process
         metric.update(elbo.detach())
-        self.log(f"{split}/elbo", metric, on_step=False, on_epoch=True, prog_bar=not on_step)
+        self.log(f"{split}/elbo", metric, on_step=False, on_epoch=True, prog_bar=split != "train")
         if split != "train" and self.config.importance_samples > 0:
             bound = self.iw_bound[f"{split}_iw"]
             bound.update(self.importance_weighted_bound(images, self.config.importance_samples))
