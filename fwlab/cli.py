@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from fwlab.errors import FwlabError
 from fwlab.registry import KINDS, PluginImportWarning, default_registry
+from fwlab.slurm import SlurmOptions, write_run_job
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,50 @@ def _add_run_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
 
 
+def _add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SLURM")
+    group.add_argument("--nodes", type=int, default=1, help="nodes (trainer.num_nodes)")
+    group.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=1,
+        help="GPUs (or CPU processes) per node = tasks per node (trainer.devices)",
+    )
+    group.add_argument("--accelerator", default="gpu", choices=("gpu", "cpu"))
+    group.add_argument("--cpus-per-task", type=int, default=4)
+    group.add_argument("--time", default="24:00:00", help="time limit, e.g. 24:00:00")
+    group.add_argument("--partition")
+    group.add_argument("--account")
+    group.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="SIGUSR1 this long before the time limit: checkpoint and requeue",
+    )
+    group.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="a further #SBATCH option, e.g. --sbatch=--mem=64G; repeatable",
+    )
+    group.add_argument("--submit", action="store_true", help="run sbatch on the script")
+
+
+def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    return SlurmOptions(
+        nodes=args.nodes,
+        devices_per_node=args.devices_per_node,
+        accelerator=args.accelerator,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        signal_seconds=args.signal_seconds,
+        extra=list(args.sbatch),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fwlab",
@@ -69,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("test", "evaluate on the test split"),
     ):
         _add_run_arguments(commands.add_parser(command, help=help_text), command)
+    slurm_parser = commands.add_parser(
+        "slurm", help="write (and with --submit, submit) an sbatch script for a command"
+    )
+    slurm_commands = slurm_parser.add_subparsers(dest="slurm_command", required=True)
+    for command in ("fit", "validate", "test"):
+        sub = slurm_commands.add_parser(command, help=f"fwlab {command} as a SLURM job")
+        _add_run_arguments(sub, command)
+        _add_slurm_arguments(sub)
     list_parser = commands.add_parser("list", help="list the registered plugins")
     list_parser.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
     _add_common(list_parser)
@@ -105,19 +158,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_plugins(args.kind, args.plugin)
         from fwlab.training import Invocation, run  # imports Lightning: only when needed
 
-        return run(
-            Invocation(
-                command=args.command,
-                model=args.model,
-                data=args.data,
-                overrides=list(args.overrides),
-                config_files=list(args.config),
-                plugins=list(args.plugin),
-                ckpt=getattr(args, "ckpt", None),
-                resume=getattr(args, "resume", None),
-                print_config=args.print_config,
-            )
+        invocation = Invocation(
+            command=args.slurm_command if args.command == "slurm" else args.command,
+            model=args.model,
+            data=args.data,
+            overrides=list(args.overrides),
+            config_files=list(args.config),
+            plugins=list(args.plugin),
+            ckpt=getattr(args, "ckpt", None),
+            resume=getattr(args, "resume", None),
+            print_config=args.print_config,
         )
+        if args.command == "slurm":
+            return write_run_job(invocation, _slurm_options(args), args.submit)
+        return run(invocation)
     except FwlabError as error:
         print(f"fwlab: error: {error}", file=sys.stderr)
         return 2

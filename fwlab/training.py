@@ -92,7 +92,7 @@ def build_model_and_data(
     return model, datamodule
 
 
-def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, Path | None]:
+def saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, Path | None]:
     """The config a resumed run or an evaluated checkpoint was trained with."""
     if invocation.resume:
         run_dir = run_dir_of(invocation.resume)
@@ -115,9 +115,12 @@ def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, P
 
 
 def _resume_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from at {path}")
+    path = _newest_checkpoint(run_dir)
+    if path is None:
+        raise ConfigError(
+            f"--resume {run_dir}: no checkpoint to resume from (no {CHECKPOINT_DIR}/"
+            f"{LAST_CHECKPOINT} and no hpc_ckpt_*.ckpt)"
+        )
     return path
 
 
@@ -166,7 +169,7 @@ def run(invocation: Invocation) -> int:
     """Carry out one command; returns the exit status."""
     started = time.monotonic()
     registry = default_registry(invocation.plugins)
-    base, base_source, resume_dir = _saved_config(invocation)
+    base, base_source, resume_dir = saved_config(invocation)
     config = compose(
         registry,
         model=invocation.model,

@@ -1,0 +1,209 @@
+"""``fwlab slurm``: sbatch scripts for fwlab commands, on N nodes × D devices, with requeue.
+
+The script relies on Lightning's SLURM support: one task per device (``srun``, tasks per node =
+devices per node, Lightning reads ranks and the master address from SLURM's variables), and
+automatic requeue: ``--signal=SIGUSR1@<s>`` makes SLURM signal every task ``s`` seconds before
+the time limit; Lightning then saves ``hpc_ckpt_<n>.ckpt`` in the run directory and calls
+``scontrol requeue``. The job's tasks share one run directory, fixed in the script
+(``FWLAB_RUN_DIR``), so the requeued job finds that checkpoint, continues from it, and
+continues the same W&B run (its id is stored in the run directory and in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fwlab.errors import ConfigError, FwlabError
+
+if TYPE_CHECKING:
+    from fwlab.training import Invocation
+
+SCRIPT_NAME = "slurm.sbatch"
+# trainer keys the script sets from its own options, so the two cannot disagree
+SET_BY_SLURM = {
+    "trainer.num_nodes": "--nodes",
+    "trainer.devices": "--devices-per-node",
+    "trainer.accelerator": "--accelerator",
+    "trainer.strategy": "(ddp whenever there is more than one device)",
+}
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    devices_per_node: int = 1
+    accelerator: str = "gpu"  # gpu | cpu
+    cpus_per_task: int = 4
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    signal_seconds: int = 120  # how long before the time limit Lightning checkpoints
+    array: int | None = None  # sweeps: this many array tasks, each an independent worker
+    extra: list[str] = field(default_factory=list)  # further #SBATCH lines, e.g. --mem=64G
+
+
+def trainer_overrides(options: SlurmOptions) -> list[str]:
+    """The ``trainer.*`` overrides that match the allocation."""
+    if options.nodes < 1 or options.devices_per_node < 1:
+        raise ConfigError("--nodes and --devices-per-node must be at least 1")
+    if options.accelerator not in ("gpu", "cpu"):
+        raise ConfigError(f"--accelerator {options.accelerator}: expected gpu or cpu")
+    overrides = [
+        f"trainer.num_nodes={options.nodes}",
+        f"trainer.devices={options.devices_per_node}",
+        f"trainer.accelerator={options.accelerator}",
+    ]
+    if options.nodes * options.devices_per_node > 1:
+        overrides.append("trainer.strategy=ddp")
+    return overrides
+
+
+def check_no_conflict(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key in SET_BY_SLURM:
+            raise ConfigError(f"{key} is set by fwlab slurm from {SET_BY_SLURM[key]}")
+
+
+def render_script(
+    options: SlurmOptions,
+    job_name: str,
+    run_dir: Path,
+    command: list[str],
+    origin: str,
+    environment: dict[str, str] | None = None,
+) -> str:
+    """The sbatch script that runs ``command`` in every task (``srun``)."""
+    run_dir = run_dir.resolve()
+    lines = [
+        "#!/bin/bash",
+        f"# Written by: {origin}",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={options.nodes}",
+        f"#SBATCH --ntasks-per-node={options.devices_per_node}",
+        f"#SBATCH --cpus-per-task={options.cpus_per_task}",
+        f"#SBATCH --time={options.time}",
+        f"#SBATCH --signal=SIGUSR1@{options.signal_seconds}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+    ]
+    if options.accelerator == "gpu":
+        lines.append(f"#SBATCH --gpus-per-node={options.devices_per_node}")
+    if options.array is not None:
+        lines.append(f"#SBATCH --array=0-{options.array - 1}")
+        lines.append(f"#SBATCH --output={run_dir}/slurm-%A_%a.out")
+    else:
+        lines.append(f"#SBATCH --output={run_dir}/slurm-%j.out")
+    if options.partition:
+        lines.append(f"#SBATCH --partition={options.partition}")
+    if options.account:
+        lines.append(f"#SBATCH --account={options.account}")
+    lines += [f"#SBATCH {extra}" for extra in options.extra]
+    lines.append("")
+    for key, value in (environment or {}).items():
+        lines.append(f"export {key}={shlex.quote(value)}")
+    lines += [
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        "srun " + shlex.join(command),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(script: Path) -> str:
+    """``sbatch script``; returns the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise FwlabError(
+            f"--submit: sbatch is not on PATH (not a SLURM login node?); the script is written: "
+            f"submit it with `sbatch {script}`"
+        )
+    result = subprocess.run([sbatch, str(script.resolve())], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FwlabError(f"sbatch {script} failed: {result.stderr.strip() or result.stdout}")
+    match = re.search(r"(\d+)", result.stdout)
+    return match.group(1) if match else result.stdout.strip()
+
+
+def python_command(*arguments: str) -> list[str]:
+    """``python -m fwlab ARGS`` with this interpreter (clusters share the environment)."""
+    return [sys.executable, "-m", "fwlab", *arguments]
+
+
+def write_run_job(invocation: Invocation, options: SlurmOptions, submit_job: bool) -> int:
+    """``fwlab slurm fit|validate|test ...``: check the config, make the run directory (with
+    ``config.yaml`` and ``slurm.sbatch``), and submit the script if asked."""
+    from fwlab.config import compose, to_yaml
+    from fwlab.registry import default_registry
+    from fwlab.rundir import CONFIG_FILE, create_run_dir, run_dir_of
+    from fwlab.training import RUN_DIR_ENV_VAR, saved_config
+
+    check_no_conflict(invocation.overrides)
+    overrides = [*invocation.overrides, *trainer_overrides(options)]
+    registry = default_registry(invocation.plugins)
+    base, base_source, resume_dir = saved_config(invocation)
+    config = compose(
+        registry,
+        model=invocation.model,
+        data=invocation.data,
+        overrides=overrides,
+        config_files=invocation.config_files,
+        base=base,
+        base_source=base_source,
+    )
+    if resume_dir is not None:  # the job continues that run, in its directory
+        run_dir = run_dir_of(resume_dir)
+    else:
+        run_dir = create_run_dir(
+            config.output_dir,
+            invocation.command,
+            config.model.name,
+            config.data.name,
+            config.run_name or "",
+            "slurm",
+        )
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
+    arguments = [invocation.command]
+    if invocation.model:
+        arguments += ["--model", invocation.model]
+    if invocation.data:
+        arguments += ["--data", invocation.data]
+    for plugin in invocation.plugins:
+        arguments += ["--plugin", _absolute_if_file(plugin)]
+    for config_file in invocation.config_files:
+        arguments += ["--config", str(Path(config_file).resolve())]
+    if invocation.ckpt:
+        arguments += ["--ckpt", str(Path(invocation.ckpt).resolve())]
+    if invocation.resume:
+        arguments += ["--resume", str(run_dir.resolve())]
+    command = python_command(*arguments, *overrides)
+    script = run_dir / SCRIPT_NAME
+    script.write_text(
+        render_script(
+            options,
+            f"fwlab-{invocation.command}-{config.model.name}-{config.data.name}",
+            run_dir,
+            command,
+            origin=shlex.join(["fwlab", "slurm", *sys.argv[2:]]),
+            environment={RUN_DIR_ENV_VAR: str(run_dir.resolve())},
+        )
+    )
+    print(f"sbatch script:   {script}")
+    print(f"run directory:   {run_dir}")
+    if submit_job:
+        print(f"submitted:       job {submit(script)}")
+    else:
+        print(f"submit with:     sbatch {script}")
+    return 0
+
+
+def _absolute_if_file(plugin: str) -> str:
+    path = Path(plugin)
+    return str(path.resolve()) if path.suffix == ".py" or path.exists() else plugin

@@ -1,0 +1,141 @@
+"""`fwlab slurm`: the sbatch script, its submission, and a requeued job continuing its run.
+
+No SLURM here: `sbatch` and `scontrol` are small fakes on PATH; the signal, the checkpoint,
+the requeue call and the resume are Lightning's and fwlab's real code paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import torch
+
+from .conftest import fwlab_env, read_results, run_fwlab
+
+
+def write_executable(path, text: str):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, flags=re.M))
+
+
+def test_the_script_matches_nodes_tasks_and_devices(tmp_path):
+    result = run_fwlab("slurm", "fit", "--model", "lstm", "--data", "retrieval", "--nodes", "2",
+                       "--devices-per-node", "4", "--partition", "gpu", "--time", "02:00:00",
+                       "trainer.max_epochs=3", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    script = (run_dir / "slurm.sbatch").read_text()
+    options = sbatch_options(script)
+    assert options["nodes"] == "2"
+    assert options["ntasks-per-node"] == options["gpus-per-node"] == "4"
+    assert options["signal"].startswith("SIGUSR1@") and "requeue" in options
+    assert options["partition"] == "gpu" and options["time"] == "02:00:00"
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    for override in ("trainer.num_nodes=2", "trainer.devices=4", "trainer.accelerator=gpu",
+                     "trainer.strategy=ddp", "trainer.max_epochs=3"):  # fmt: skip
+        assert override in srun.split()
+    assert f"export FWLAB_RUN_DIR={run_dir.resolve()}" in script
+    config = (run_dir / "config.yaml").read_text()
+    assert "num_nodes: 2" in config and "devices: 4" in config
+    assert "sbatch" in result.stdout and "submit with" in result.stdout
+
+
+def test_submit_runs_sbatch_on_the_script(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch.calls"
+    write_executable(bin_dir / "sbatch", f'#!/bin/sh\necho "$@" >> {calls}\n'
+                     'echo "Submitted batch job 987654"\n')  # fmt: skip
+    env = fwlab_env(tmp_path)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    result = run_fwlab("slurm", "fit", "--model", "lstm", "--data", "retrieval", "--submit",
+                       cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert calls.read_text().split() == [str((run_dir / "slurm.sbatch").resolve())]
+    assert "job 987654" in result.stdout
+
+
+def test_submit_without_sbatch_says_so_and_keeps_the_script(tmp_path):
+    env = fwlab_env(tmp_path)
+    env["PATH"] = os.path.dirname(sys.executable)  # python, but no sbatch
+    result = run_fwlab("slurm", "fit", "--model", "lstm", "--data", "retrieval", "--submit",
+                       cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert "sbatch is not on PATH" in result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "slurm.sbatch").is_file()
+
+
+def test_trainer_keys_of_the_allocation_cannot_be_overridden(tmp_path):
+    result = run_fwlab("slurm", "fit", "--model", "lstm", "--data", "retrieval",
+                       "trainer.devices=8", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert "trainer.devices is set by fwlab slurm from --devices-per-node" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint_under_the_same_wandb_run(tmp_path):
+    """SIGUSR1 (SLURM's warning before the time limit) -> Lightning saves hpc_ckpt_1.ckpt and
+    calls `scontrol requeue`; the fake scontrol records that and kills the job, as SLURM would.
+    The same command in the same job environment then continues from that checkpoint."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n'
+                     "kill -9 $PPID\n")  # fmt: skip
+    run_dir = tmp_path / "job"
+    env = fwlab_env(tmp_path)
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        WANDB_MODE="offline",
+        FWLAB_RUN_DIR=str(run_dir),  # what the sbatch script exports
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="fwlab-fit",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NNODES="1",
+        SLURM_NODELIST="localhost",
+    )
+    command = [sys.executable, "-m", "fwlab", "fit", "--model", "fast_weights", "--data",
+               "retrieval", "data.train_size=256", "data.val_size=32", "data.test_size=32",
+               "data.batch_size=16", "trainer.max_epochs=12", "trainer.accelerator=cpu",
+               "logger=wandb"]  # fmt: skip
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # after the first epoch
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGUSR1)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL  # killed by the requeue, mid-run
+
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    saved = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert saved["fwlab_wandb_run_id"] == run_id
+    assert 0 < saved["global_step"] < 12 * 16
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {run_dir / 'hpc_ckpt_1.ckpt'}" in (
+        second.stdout + second.stderr
+    )
+    assert read_results(run_dir)["global_step"] == 12 * 16  # finished the same schedule
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline_runs)
+    assert len(list(run_dir.glob("config*.yaml"))) == 1  # the same config both times
