@@ -6,10 +6,11 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from fwlab.errors import FwlabError
 from fwlab.registry import KINDS, PluginImportWarning, default_registry
-from fwlab.slurm import SlurmOptions, write_run_job
+from fwlab.slurm import SlurmOptions, write_run_job, write_sweep_job
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +89,44 @@ def _add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--submit", action="store_true", help="run sbatch on the script")
 
 
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("file", help="a sweep file, e.g. configs/sweep/retrieval_cells.yaml")
+    parser.add_argument("--backend", default="optuna", choices=("optuna", "wandb"))
+    parser.add_argument(
+        "--workers", type=int, default=1, help="optuna: trials run at the same time here"
+    )
+    parser.add_argument(
+        "--sweep-dir",
+        help="optuna: the study and the trials' runs (default: sweeps/<name>); "
+        "rerunning with the same directory continues the sweep",
+    )
+    parser.add_argument("--count", type=int, help="wandb: runs per agent")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="wandb: print what would be sent, send nothing"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further override for every trial; repeatable",
+    )
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from fwlab.sweep import default_sweep_dir, load_sweep, results_table, run_optuna, run_wandb
+
+    spec = load_sweep(args.file)
+    if args.backend == "wandb":
+        return run_wandb(spec, list(args.plugin), list(args.set), args.count, args.dry_run)
+    sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(spec)
+    study = run_optuna(spec, sweep_dir, max(1, args.workers), list(args.plugin), list(args.set))
+    print(results_table(spec, study, sweep_dir))
+    print(f"sweep directory: {sweep_dir}  (results.csv, results.json, trials/, logs/)")
+    return 0
+
+
 def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
     return SlurmOptions(
         nodes=args.nodes,
@@ -122,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = slurm_commands.add_parser(command, help=f"fwlab {command} as a SLURM job")
         _add_run_arguments(sub, command)
         _add_slurm_arguments(sub)
+    sweep_parser = commands.add_parser("sweep", help="run a hyperparameter sweep file")
+    _add_sweep_arguments(sweep_parser)
+    slurm_sweep = slurm_commands.add_parser("sweep", help="sweep workers as a SLURM array")
+    _add_sweep_arguments(slurm_sweep)
+    _add_slurm_arguments(slurm_sweep)
+    slurm_sweep.add_argument("--array", type=int, help="K array tasks, one worker each")
     list_parser = commands.add_parser("list", help="list the registered plugins")
     list_parser.add_argument("kind", nargs="?", choices=KINDS, help="only this kind")
     _add_common(list_parser)
@@ -156,6 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return list_plugins(args.kind, args.plugin)
+        if args.command == "sweep":
+            return _run_sweep(args)
+        if args.command == "slurm" and args.slurm_command == "sweep":
+            options = _slurm_options(args)
+            options.array = args.array
+            sweep_dir = Path(args.sweep_dir) if args.sweep_dir else None
+            return write_sweep_job(args.file, args.backend, options, sweep_dir,
+                                   list(args.plugin), args.count, args.submit)  # fmt: skip
         from fwlab.training import Invocation, run  # imports Lightning: only when needed
 
         invocation = Invocation(

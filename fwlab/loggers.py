@@ -70,8 +70,11 @@ def make_logger(config: LoggerConfig, run_dir: Path, run_name: str) -> Logger | 
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        alphabet = string.ascii_lowercase + string.digits  # W&B's own run id alphabet
-        run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+        # a W&B sweep agent names the run it starts; otherwise a fresh id in W&B's alphabet
+        alphabet = string.ascii_lowercase + string.digits
+        run_id = os.environ.get("WANDB_RUN_ID") or "".join(
+            secrets.choice(alphabet) for _ in range(8)
+        )
         id_file.write_text(run_id + "\n")
     online = wandb_online(config.mode)
     if not online and os.environ.get("WANDB_MODE", "").lower() != "disabled":

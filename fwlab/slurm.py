@@ -44,7 +44,7 @@ class SlurmOptions:
     time: str = "24:00:00"
     partition: str | None = None
     account: str | None = None
-    signal_seconds: int = 120  # how long before the time limit Lightning checkpoints
+    signal_seconds: int | None = 120  # SIGUSR1 this long before the limit; None: no requeue
     array: int | None = None  # sweeps: this many array tasks, each an independent worker
     extra: list[str] = field(default_factory=list)  # further #SBATCH lines, e.g. --mem=64G
 
@@ -90,10 +90,10 @@ def render_script(
         f"#SBATCH --ntasks-per-node={options.devices_per_node}",
         f"#SBATCH --cpus-per-task={options.cpus_per_task}",
         f"#SBATCH --time={options.time}",
-        f"#SBATCH --signal=SIGUSR1@{options.signal_seconds}",
-        "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
     ]
+    if options.signal_seconds is not None:
+        lines += [f"#SBATCH --signal=SIGUSR1@{options.signal_seconds}", "#SBATCH --requeue"]
     if options.accelerator == "gpu":
         lines.append(f"#SBATCH --gpus-per-node={options.devices_per_node}")
     if options.array is not None:
@@ -207,3 +207,68 @@ def write_run_job(invocation: Invocation, options: SlurmOptions, submit_job: boo
 def _absolute_if_file(plugin: str) -> str:
     path = Path(plugin)
     return str(path.resolve()) if path.suffix == ".py" or path.exists() else plugin
+
+
+def write_sweep_job(
+    sweep_file: str,
+    backend: str,
+    options: SlurmOptions,
+    sweep_dir: Path | None,
+    plugins: list[str],
+    count: int | None,
+    submit_job: bool,
+) -> int:
+    """``fwlab slurm sweep FILE --array K``: K array tasks, each a sweep worker running one
+    trial at a time on one device: Optuna workers joining the study in ``sweep_dir`` (a shared
+    file system), or W&B agents of a sweep created now. A worker's trials are not requeued:
+    a trial cut off by the time limit fails, and the others go on."""
+    from fwlab.sweep import (
+        create_wandb_sweep,
+        default_sweep_dir,
+        load_sweep,
+        open_study,
+        wandb_agent_command,
+        wandb_sweep_config,
+    )
+
+    if options.nodes != 1 or options.devices_per_node != 1:
+        raise ConfigError(
+            "fwlab slurm sweep: each array task runs one trial at a time on one device "
+            "(--nodes 1 --devices-per-node 1); trials run in parallel across --array tasks"
+        )
+    if not options.array or options.array < 1:
+        raise ConfigError("fwlab slurm sweep needs --array K (K workers)")
+    spec = load_sweep(sweep_file)
+    sweep_dir = sweep_dir or default_sweep_dir(spec)
+    extra = trainer_overrides(options)
+    plugins = [_absolute_if_file(p) for p in plugins]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    options.signal_seconds = None
+    if backend == "optuna":
+        open_study(spec, sweep_dir)  # the study exists before the first task starts
+        arguments = ["sweep", str(Path(sweep_file).resolve()), "--backend", "optuna"]
+        arguments += ["--workers", "1", "--sweep-dir", str(sweep_dir.resolve())]
+        for plugin in plugins:
+            arguments += ["--plugin", plugin]
+        for override in extra:
+            arguments += [f"--set={override}"]
+        command = python_command(*arguments)
+    else:
+        sweep_id = create_wandb_sweep(spec, wandb_sweep_config(spec, plugins, extra))
+        command = wandb_agent_command(spec, sweep_id, count or 1)
+    script = sweep_dir / f"slurm-{backend}.sbatch"
+    script.write_text(
+        render_script(
+            options,
+            f"fwlab-sweep-{spec.name}",
+            sweep_dir,
+            command,
+            origin=shlex.join(["fwlab", "slurm", *sys.argv[2:]]),
+        )
+    )
+    print(f"sbatch script:   {script}")
+    if submit_job:
+        print(f"submitted:       job {submit(script)}")
+    else:
+        print(f"submit with:     sbatch {script}")
+    return 0

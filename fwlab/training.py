@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fwlab.config import (
@@ -258,6 +260,7 @@ def _train_and_evaluate(
     if invocation.command == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
         evaluated = checkpoints.best_model_path or checkpoints.last_model_path or None
+        _record_best_in_wandb(logger, monitor, checkpoints.best_model_score)
         if trainer.is_global_zero and not checkpoints.best_model_path:
             print(f"fwlab: no '{monitor}' was logged, so the test uses the last weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=evaluated)[0]
@@ -300,6 +303,13 @@ def _train_and_evaluate(
     if logger is not None:
         logger.finalize("success")
     return 0
+
+
+def _record_best_in_wandb(logger: Any, monitor: str, best: torch.Tensor | None) -> None:
+    """W&B's summary keeps a metric's last value; ``best/<monitor>`` holds the value that chose
+    the checkpoint (what a W&B sweep optimises)."""
+    if isinstance(logger, WandbLogger) and best is not None and rank_zero_only.rank == 0:
+        logger.experiment.summary[f"best/{monitor}"] = float(best)
 
 
 def _print_summary(

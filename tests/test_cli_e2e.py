@@ -128,6 +128,8 @@ def test_wandb_writes_offline_run_files_without_network(tmp_path):
     # The W&B run received the resolved config.
     data = (offline_runs[0] / f"run-{run_id}.wandb").read_bytes()
     assert b"hidden_size" in data and b"train_size" in data
+    # and its summary the best validation value, which W&B sweeps optimise
+    assert b"best/val/acc" in data
 
 
 def test_a_bad_resume_path_is_a_clear_error(tmp_path):

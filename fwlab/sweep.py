@@ -1,0 +1,383 @@
+"""``fwlab sweep FILE``: hyperparameter sweeps over any config keys, with or without a server.
+
+A sweep file (``configs/sweep/<name>.yaml``) uses W&B's sweep vocabulary, so one file serves
+both engines::
+
+    name: retrieval_cells
+    model: fast_weights          # --model/--data of every trial, unless a parameter picks them
+    data: retrieval
+    overrides: [trainer.max_steps=1500]      # fixed for every trial
+    method: grid                 # grid | random | bayes
+    metric: {name: val/acc, goal: maximize}
+    trials: 9                    # random/bayes: how many; grid: at most the grid's size
+    parameters:
+      model: {values: [fast_weights, lstm, irnn]}
+      model.hidden_size: {values: [20, 50, 100]}
+      optim.lr: {min: 1.0e-4, max: 1.0e-2, distribution: log_uniform_values}
+
+Parameters: ``values`` (a choice), ``value`` (fixed), or ``min``/``max`` with ``distribution``
+``uniform``, ``int_uniform`` or ``log_uniform_values``. The metric: ``val/<m>`` is the best
+validation value, the one that chose the tested checkpoint (so ``<m>`` must be the model's
+checkpoint monitor); ``test/<m>`` is the tested checkpoint's value.
+
+Engines:
+
+- ``--backend optuna`` (no server): an Optuna study in a journal file under the sweep
+  directory (safe on shared file systems), grid/random/TPE samplers; ``--workers N`` runs N
+  trials at a time here, and ``fwlab slurm sweep FILE --array K`` runs K such workers as a SLURM
+  array, all joining the same study. Each trial is a real ``fwlab`` run in
+  ``<sweep dir>/trials/<number>``.
+- ``--backend wandb``: creates the W&B sweep and runs ``wandb agent`` (``--count``); on a
+  cluster, ``fwlab slurm sweep FILE --backend wandb --array K`` runs one agent per array task.
+  ``--dry-run`` prints the sweep config and the agent command without contacting W&B.
+
+At the end: a table of every trial's parameters and metric, the best marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fwlab.config import load_yaml
+from fwlab.errors import ConfigError, FwlabError
+
+METHODS = ("grid", "random", "bayes")
+GOALS = {"maximize": "maximize", "minimize": "minimize"}
+DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values")
+SWEEP_KEYS = {
+    "name", "command", "model", "data", "overrides", "method", "metric", "trials",
+    "parameters", "seed", "project", "entity",
+}  # fmt: skip
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    method: str
+    metric: str
+    goal: str
+    parameters: dict[str, dict[str, Any]]
+    command: str = "fit"
+    model: str | None = None
+    data: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    trials: int | None = None
+    seed: int = 0
+    project: str = "fwlab"
+    entity: str | None = None
+
+    @property
+    def grid(self) -> dict[str, list[Any]]:
+        """The search space of a grid: every parameter must be ``values`` or ``value``."""
+        space = {}
+        for key, spec in self.parameters.items():
+            if "values" not in spec and "value" not in spec:
+                raise ConfigError(f"sweep {self.name}: grid parameter '{key}' needs values")
+            space[key] = list(spec["values"]) if "values" in spec else [spec["value"]]
+        return space
+
+    def grid_size(self) -> int:
+        return math.prod(len(values) for values in self.grid.values())
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file; every error names the file and the key."""
+    path = Path(path)
+    raw = load_yaml(path)
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown sweep keys {sorted(unknown)}; known: {sorted(SWEEP_KEYS)}"
+        )
+    method = raw.get("method", "grid")
+    if method not in METHODS:
+        raise ConfigError(f"{path}: method '{method}' is not one of {', '.join(METHODS)}")
+    metric = raw.get("metric") or {}
+    if not isinstance(metric, dict) or "name" not in metric:
+        raise ConfigError(f"{path}: metric needs a name, e.g. {{name: val/acc, goal: maximize}}")
+    goal = metric.get("goal", "maximize")
+    if goal not in GOALS:
+        raise ConfigError(f"{path}: metric.goal '{goal}' is not maximize or minimize")
+    if not str(metric["name"]).startswith(("val/", "test/")):
+        raise ConfigError(f"{path}: metric.name '{metric['name']}' must start with val/ or test/")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict) or not parameters:
+        raise ConfigError(f"{path}: parameters must map config keys to their ranges")
+    for key, spec in parameters.items():
+        _check_parameter(path, key, spec)
+    spec = SweepSpec(
+        name=str(raw.get("name", path.stem)),
+        method=method,
+        metric=str(metric["name"]),
+        goal=goal,
+        parameters=parameters,
+        command=str(raw.get("command", "fit")),
+        model=raw.get("model"),
+        data=raw.get("data"),
+        overrides=[str(o) for o in raw.get("overrides", [])],
+        trials=raw.get("trials"),
+        seed=int(raw.get("seed", 0)),
+        project=str(raw.get("project", "fwlab")),
+        entity=raw.get("entity"),
+    )
+    if spec.command not in ("fit",):
+        raise ConfigError(f"{path}: command '{spec.command}': sweeps run fit")
+    if method != "grid" and not spec.trials:
+        raise ConfigError(f"{path}: a {method} sweep needs trials: N")
+    if method == "grid":
+        spec.grid_size()  # every parameter has values
+    return spec
+
+
+def _check_parameter(path: Path, key: str, spec: Any) -> None:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: parameter '{key}' must be a mapping (values/value/min+max)")
+    if "values" in spec:
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise ConfigError(f"{path}: parameter '{key}': values must be a non-empty list")
+    elif "value" not in spec:
+        if "min" not in spec or "max" not in spec:
+            raise ConfigError(f"{path}: parameter '{key}' needs values, value, or min and max")
+        distribution = spec.get("distribution", "uniform")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"{path}: parameter '{key}': distribution '{distribution}' is not one of "
+                f"{', '.join(DISTRIBUTIONS)}"
+            )
+
+
+def trial_command(
+    spec: SweepSpec, values: dict[str, Any], plugins: list[str], extra: list[str]
+) -> list[str]:
+    """The ``fwlab`` command line of one trial with these parameter values (``extra``: further
+    overrides for every trial, e.g. the devices of a SLURM allocation)."""
+    arguments = [spec.command]
+    if spec.model and "model" not in spec.parameters:  # model=<choice> would lose to --model
+        arguments += ["--model", spec.model]
+    if spec.data and "data" not in spec.parameters:
+        arguments += ["--data", spec.data]
+    for plugin in plugins:
+        arguments += ["--plugin", plugin]
+    arguments += [*spec.overrides, *extra]
+    arguments += [f"{key}={_format(value)}" for key, value in values.items()]
+    return [sys.executable, "-m", "fwlab", *arguments]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def metric_value(results: dict[str, Any], metric: str) -> float:
+    """The sweep metric from a run's ``results.json``."""
+    best = results.get("best") or {}
+    if metric.startswith("val/"):
+        if best.get("monitor") != metric or best.get("value") is None:
+            raise FwlabError(
+                f"sweep metric {metric} is not this run's checkpoint monitor "
+                f"({best.get('monitor')}): use that, or a test/ metric"
+            )
+        return float(best["value"])
+    if metric not in results.get("metrics", {}):
+        raise FwlabError(f"sweep metric {metric} is not among {sorted(results['metrics'])}")
+    return float(results["metrics"][metric])
+
+
+# -- Optuna, no server ------------------------------------------------------------------------
+class TrialFailed(Exception):
+    """A trial's fwlab run exited with an error (its log names it)."""
+
+
+def _sampler(spec: SweepSpec) -> Any:
+    import optuna
+
+    if spec.method == "grid":
+        return optuna.samplers.GridSampler(spec.grid, seed=spec.seed)
+    if spec.method == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+def _suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
+    if "values" in spec:
+        return trial.suggest_categorical(key, spec["values"])
+    if "value" in spec:
+        return spec["value"]
+    distribution = spec.get("distribution", "uniform")
+    if distribution == "int_uniform" or (
+        isinstance(spec["min"], int) and isinstance(spec["max"], int) and "distribution" not in spec
+    ):
+        return trial.suggest_int(key, int(spec["min"]), int(spec["max"]))
+    log = distribution == "log_uniform_values"
+    return trial.suggest_float(key, float(spec["min"]), float(spec["max"]), log=log)
+
+
+def open_study(spec: SweepSpec, sweep_dir: Path) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=_sampler(spec),
+        direction=GOALS[spec.goal],
+        load_if_exists=True,
+    )
+
+
+def run_optuna(
+    spec: SweepSpec, sweep_dir: Path, workers: int, plugins: list[str], extra: list[str]
+) -> Any:
+    """Run trials until the sweep has ``spec.trials`` (grid: the grid) finished trials."""
+    import optuna
+
+    study = open_study(spec, sweep_dir)
+    total = spec.grid_size() if spec.method == "grid" else int(spec.trials or 0)
+    if spec.method == "grid" and spec.trials:
+        total = min(total, int(spec.trials))
+    lock = threading.Lock()
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {key: _suggest(trial, key, p) for key, p in spec.parameters.items()}
+        run_dir = sweep_dir / "trials" / f"{trial.number:04d}"
+        command = trial_command(spec, values, plugins, extra)
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("command", shlex.join(command))
+        with lock:
+            print(f"trial {trial.number}: {_describe(values)}", flush=True)
+        env = {**os.environ, "FWLAB_RUN_DIR": str(run_dir.resolve())}
+        log_path = sweep_dir / "logs" / f"trial-{trial.number:04d}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            status = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if status != 0:
+            raise TrialFailed(f"trial {trial.number} exited with {status}: see {log_path}")
+        return metric_value(json.loads((run_dir / "results.json").read_text()), spec.metric)
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    remaining = total - len(study.get_trials(states=finished))
+    if remaining > 0:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            n_jobs=workers,
+            catch=(TrialFailed, FwlabError),
+            callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)],
+        )
+    return study
+
+
+def results_table(spec: SweepSpec, study: Any, sweep_dir: Path) -> str:
+    """Every trial's parameters and metric, the best marked; also written as CSV and JSON."""
+    import optuna
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = study.best_trial.number if complete else None
+    keys = list(spec.parameters)
+    rows = []
+    for trial in trials:
+        rows.append({
+            "trial": trial.number,
+            **{key: trial.params.get(key, spec.parameters[key].get("value")) for key in keys},
+            spec.metric: trial.value,
+            "state": trial.state.name.lower(),
+            "best": trial.number == best,
+            "run_dir": trial.user_attrs.get("run_dir", ""),
+        })  # fmt: skip
+    with open(sweep_dir / "results.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+    header = ["", "trial", *keys, spec.metric, "state"]
+    body = [
+        ["★" if row["best"] else "", str(row["trial"]), *(str(row[k]) for k in keys),
+         "" if row[spec.metric] is None else f"{row[spec.metric]:.4f}", row["state"]]
+        for row in rows
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in
+             [header, *body]]  # fmt: skip
+    goal = "highest" if spec.goal == "maximize" else "lowest"
+    lines.append(f"★ best ({goal} {spec.metric})" if best is not None else "no trial completed")
+    return "\n".join(lines)
+
+
+def default_sweep_dir(spec: SweepSpec) -> Path:
+    return Path("sweeps") / spec.name
+
+
+def _describe(values: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_format(value)}" for key, value in values.items())
+
+
+# -- W&B sweeps ---------------------------------------------------------------------------------
+def wandb_sweep_config(spec: SweepSpec, plugins: list[str], extra: list[str]) -> dict[str, Any]:
+    """The sweep config sent to W&B: the agent runs the trial command with each run's values
+    as ``key=value`` (``${args_no_hyphens}``); the metric is read from the run's summary, where
+    fwlab stores the best validation value as ``best/<monitor>``."""
+    fixed = trial_command(spec, {}, plugins, extra)
+    metric = f"best/{spec.metric}" if spec.metric.startswith("val/") else spec.metric
+    config: dict[str, Any] = {
+        "name": spec.name,
+        "method": spec.method,
+        "metric": {"name": metric, "goal": spec.goal},
+        "parameters": spec.parameters,
+        "command": ["${env}", *fixed, "logger=wandb", "${args_no_hyphens}"],
+    }
+    if spec.method == "grid" or spec.trials:
+        config["run_cap"] = spec.grid_size() if spec.method == "grid" else spec.trials
+    return config
+
+
+def wandb_agent_command(spec: SweepSpec, sweep_id: str, count: int | None) -> list[str]:
+    path = "/".join(p for p in (spec.entity, spec.project, sweep_id) if p)
+    return ["wandb", "agent", *(["--count", str(count)] if count else []), path]
+
+
+def create_wandb_sweep(spec: SweepSpec, config: dict[str, Any]) -> str:
+    """Create the sweep on the W&B server; a clear error, at once, when it cannot be reached."""
+    from fwlab.loggers import wandb_online
+
+    if not wandb_online("auto"):
+        raise FwlabError(
+            "W&B sweeps need the W&B server (credentials and network), which is not reachable "
+            "from here: use --backend optuna, or --dry-run to see what would be sent"
+        )
+    import wandb
+
+    return wandb.sweep(config, project=spec.project, entity=spec.entity)
+
+
+def run_wandb(
+    spec: SweepSpec, plugins: list[str], extra: list[str], count: int | None, dry_run: bool
+) -> int:
+    config = wandb_sweep_config(spec, plugins, extra)
+    if dry_run:
+        print("W&B sweep config (not sent):")
+        print(json.dumps(config, indent=2))
+        print("agent command:   " + shlex.join(wandb_agent_command(spec, "<SWEEP_ID>", count)))
+        return 0
+    sweep_id = create_wandb_sweep(spec, config)
+    command = wandb_agent_command(spec, sweep_id, count)
+    print(f"W&B sweep {sweep_id}; agent: {shlex.join(command)}", flush=True)
+    return subprocess.call(command)

@@ -1,0 +1,169 @@
+"""`fwlab sweep`: a server-free Optuna sweep run for real, the W&B sweep as far as it goes
+without a server, SLURM array workers, and the preset sweep files."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import stat
+import textwrap
+
+import pytest
+
+from fwlab.config import compose, config_dir
+from fwlab.errors import ConfigError
+from fwlab.registry import Registry
+from fwlab.sweep import load_sweep, trial_command, wandb_sweep_config
+
+from .conftest import fwlab_env, read_results, run_fwlab
+
+TINY = textwrap.dedent(
+    """
+    # fwlab sweep tiny.yaml --workers 2
+    name: tiny
+    model: fast_weights
+    data: retrieval
+    method: random
+    trials: 3
+    seed: 1
+    metric: {name: val/acc, goal: maximize}
+    overrides: [logger=csv, data.train_size=64, data.val_size=32, data.test_size=32,
+                trainer.max_epochs=2]
+    parameters:
+      model.hidden_size: {values: [8, 16]}
+      optim.lr: {min: 1.0e-3, max: 1.0e-2, distribution: log_uniform_values}
+    """
+)
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_an_optuna_sweep_of_three_trials_on_two_workers_marks_the_best(tmp_path, tiny_sweep):
+    result = run_fwlab("sweep", str(tiny_sweep), "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    with open(sweep_dir / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["state"] for row in rows] == ["complete"] * 3
+    values = [float(row["val/acc"]) for row in rows]
+    best = [row for row in rows if row["best"] == "True"]
+    assert len(best) == 1 and float(best[0]["val/acc"]) == max(values)
+    for row in rows:  # each trial is a real run; its metric is its best validation accuracy
+        results = read_results(tmp_path / row["run_dir"])
+        assert results["best"]["monitor"] == "val/acc"
+        assert results["best"]["value"] == pytest.approx(float(row["val/acc"]))
+        assert row["model.hidden_size"] in ("8", "16") and 1e-3 <= float(row["optim.lr"]) <= 1e-2
+    table = result.stdout[result.stdout.index("trial  model.hidden_size") :]
+    assert table.count("★") == 2  # the best row and the legend
+    # the sweep is done: running it again adds no trial
+    again = run_fwlab("sweep", str(tiny_sweep), cwd=tmp_path)
+    assert again.returncode == 0 and len(list((sweep_dir / "trials").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("method: random", "methd: random", "unknown sweep keys ['methd']"),
+        ("trials: 3\n", "", "a random sweep needs trials"),
+        ("log_uniform_values", "log", "distribution 'log' is not one of"),
+        ("goal: maximize", "goal: upward", "metric.goal 'upward'"),
+        ("name: val/acc", "name: acc", "must start with val/ or test/"),
+    ],
+)
+def test_a_malformed_sweep_file_is_a_clear_error_naming_it(tmp_path, old, new, message):
+    path = tmp_path / "broken.yaml"
+    path.write_text(TINY.replace(old, new))
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_sweep(path)
+    assert str(path) in str(error.value)
+
+
+def test_the_command_refuses_a_malformed_sweep_before_running_anything(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(TINY.replace("method: random", "method: annealing"))
+    result = run_fwlab("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "method 'annealing'" in result.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_the_wandb_sweep_config_and_agent_command_without_a_server(tmp_path, tiny_sweep):
+    spec = load_sweep(tiny_sweep)
+    config = wandb_sweep_config(spec, [], [])
+    assert config["method"] == "random" and config["run_cap"] == 3
+    assert config["metric"] == {"name": "best/val/acc", "goal": "maximize"}
+    assert config["parameters"] == spec.parameters
+    assert config["command"][0] == "${env}" and config["command"][-1] == "${args_no_hyphens}"
+    assert config["command"][2:5] == ["-m", "fwlab", "fit"] and "logger=wandb" in config["command"]
+
+    dry = run_fwlab("sweep", str(tiny_sweep), "--backend", "wandb", "--dry-run", "--count", "4",
+                    cwd=tmp_path)  # fmt: skip
+    assert dry.returncode == 0
+    printed = json.loads(dry.stdout[dry.stdout.index("{") : dry.stdout.rindex("}") + 1])
+    assert printed == json.loads(json.dumps(config))
+    assert "agent command:   wandb agent --count 4 'fwlab/<SWEEP_ID>'" in dry.stdout
+    # without credentials or network, creating the sweep fails at once and says why
+    real = run_fwlab("sweep", str(tiny_sweep), "--backend", "wandb", cwd=tmp_path, timeout=60)
+    assert real.returncode == 2 and "need the W&B server" in real.stderr
+
+
+def test_a_parameter_that_picks_the_model_replaces_model():
+    spec = load_sweep(config_dir() / "sweep" / "retrieval_cells.yaml")
+    command = trial_command(spec, {"model": "irnn", "model.hidden_size": 20}, [], [])
+    assert "--model" not in command and "model=irnn" in command
+    assert command[command.index("--data") + 1] == "retrieval"
+
+
+@pytest.mark.parametrize("path", sorted((config_dir() / "sweep").glob("*.yaml")), ids=str)
+def test_every_preset_sweep_composes_for_every_grid_point(path):
+    spec = load_sweep(path)
+    registry = Registry()
+    grid = spec.grid
+    for point in itertools.product(*grid.values()):
+        values = dict(zip(grid, point))
+        overrides = [*spec.overrides, *(f"{k}={v}" for k, v in values.items())]
+        config = compose(registry, model=None if "model" in values else spec.model,
+                         data=spec.data, overrides=overrides)  # fmt: skip
+        assert config.model.name == values.get("model", spec.model)
+    assert path.read_text().startswith("# fwlab sweep")
+
+
+def test_slurm_array_workers_join_one_study(tmp_path, tiny_sweep):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.calls\n'
+                                    'echo "Submitted batch job 77"\n')  # fmt: skip
+    (bin_dir / "sbatch").chmod(0o755 | stat.S_IEXEC)
+    env = fwlab_env(tmp_path)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    result = run_fwlab("slurm", "sweep", str(tiny_sweep), "--array", "4", "--submit",
+                       cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    script = (sweep_dir / "slurm-optuna.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --ntasks-per-node=1" in script
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert f"--sweep-dir {sweep_dir.resolve()}" in srun and "--workers 1" in srun
+    assert "--set=trainer.devices=1" in srun
+    assert (sweep_dir / "optuna.journal").is_file()  # the study exists before the array starts
+    assert "job 77" in result.stdout
+
+
+def test_slurm_sweep_refuses_multi_device_trials(tmp_path, tiny_sweep):
+    result = run_fwlab("slurm", "sweep", str(tiny_sweep), "--array", "2",
+                       "--devices-per-node", "4", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "one device" in result.stderr
+
+
+def test_load_sweep_names_the_file(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("name: x\nmetric: {name: val/acc}\n")
+    with pytest.raises(ConfigError, match="empty.yaml: parameters"):
+        load_sweep(path)
