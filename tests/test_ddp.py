@@ -9,11 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
 from fwlab.datamodule import shard_sampler
+from fwlab.errors import IncompatibleError
+from fwlab.training import build_model_and_data
 
 from .conftest import read_results, run_fwlab
+from .test_compatibility_matrix import PAIRS, REGISTRY, tiny_config
 
 # A datamodule plugin that records, per process, the examples its real loaders read.
 RECORDING_PLUGIN = textwrap.dedent(
@@ -129,3 +133,25 @@ def test_training_shards_are_equal_disjoint_and_reshuffled_each_epoch(world_size
 def test_one_process_reads_the_whole_split():
     assert shard_sampler(TensorDataset(torch.arange(5)), "train", fake_trainer(1, 0)) is None
     assert shard_sampler(TensorDataset(torch.arange(5)), "val", None) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "data"), PAIRS, ids=[f"{m}-{d}" for m, d in PAIRS])
+def test_every_compatible_pair_fits_under_two_process_ddp(model, data, tmp_path):
+    """Every registered cell and model with every datamodule it pairs with, on its tiny example:
+    a real 2-process gloo fit that validates, tests and writes one result (about 10 s each)."""
+    config = tiny_config(model, data, tmp_path / "example")
+    try:
+        build_model_and_data(config, REGISTRY)
+    except IncompatibleError as error:
+        pytest.skip(f"not a pair: {error}")
+    values = OmegaConf.to_container(config, resolve=True)
+    overrides = [f"{group}.{key}={json.dumps(value)}" for group in ("model", "data")
+                 for key, value in values[group].items() if key != "name"]  # fmt: skip
+    result = run_fwlab("fit", "--model", model, "--data", data, *overrides, "logger=csv",
+                       "trainer.max_steps=4", "trainer.max_epochs=1000", "trainer.accelerator=cpu",
+                       "trainer.devices=2",
+                       "trainer.strategy=ddp", cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert read_results(run_dir)["global_step"] == 4
