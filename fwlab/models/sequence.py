@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from fwlab.cell import Cell
 from fwlab.config import dataclass_from
+from fwlab.cuda_graphs import GraphedNetwork
 from fwlab.errors import ConfigError, IncompatibleError
 from fwlab.optim import OptimConfig, make_optimizer
 from fwlab.spec import DataSpec
@@ -36,6 +37,9 @@ class SequenceModelConfig:
     head_hidden_size: int = 100
     # Regression targets only: gaussian_nll (the head predicts a mean and a variance) or mse.
     regression_loss: str = "gaussian_nll"
+    # On one CUDA device, run training (forward and backward) and evaluation passes as captured
+    # CUDA graphs (fwlab/cuda_graphs.py); elsewhere, or if capture fails, eagerly, saying why.
+    cuda_graphs: bool = True
 
 
 class SequenceModel(L.LightningModule):
@@ -61,6 +65,9 @@ class SequenceModel(L.LightningModule):
             head_input = config.head_hidden_size
         layers.append(nn.Linear(head_input, self.target.output_size(spec)))
         self.head = nn.Sequential(*layers)
+        self.graphs = GraphedNetwork(
+            self.network, [self.encoder, self.cell, self.head], enabled=config.cuda_graphs
+        )
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix.
         self.metrics = nn.ModuleDict(
             {f"{split}_metrics": self.target.metrics(spec) for split in SPLITS}
@@ -96,7 +103,13 @@ class SequenceModel(L.LightningModule):
 
     # -- computation ------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs`` (B, T) tokens or (B, T, I) vectors -> head outputs."""
+        """``inputs`` (B, T) tokens or (B, T, I) vectors -> head outputs; through CUDA graphs
+        where they apply."""
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        return self.graphs(inputs, training=self.training, world_size=world_size)
+
+    def network(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The eager computation: encoder -> cell -> head."""
         outputs, _ = self.cell(self.encoder(inputs))  # (B, T, H_out)
         return self.head(self.target.select(outputs))
 
