@@ -4,14 +4,20 @@
     python scripts/bench.py --device cuda --json bench-cuda.json
     python scripts/bench.py --cells fast_weights --shapes 128x11x100x100
 
-Each measurement runs in a fresh subprocess. Memory, in MiB: on CUDA the peak of
-``torch.cuda.max_memory_allocated`` during one forward+backward pass; on the CPU, where the
-allocator keeps no such count, the activations saved for the backward pass (each storage counted
-once, through ``torch.autograd.graph.saved_tensors_hooks``), which is what grows with B and T.
+Each measurement runs in a fresh subprocess, on each available path:
+
+- ``eager``: the module as written;
+- ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
+  removes the per-kernel launch cost of the Python time loop (static shapes only).
+
+Memory, in MiB: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during forward+backward
+(for ``graph``, the graph's memory pool included); on the CPU, where the allocator keeps no such
+count, the activations saved for the backward pass (each storage counted once, through
+``torch.autograd.graph.saved_tensors_hooks``), which is what grows with B and T.
 Throughput is sequences per second of one forward and backward pass (sum of the outputs as the
-loss), after warm-up, timed over at least ``--min-time`` seconds. The ratio column is the cell's
-throughput divided by that of a bare ``torch.nn.LSTM`` of the same shape measured in the same run
-(above 1: faster than the LSTM).
+loss), after warm-up, timed over at least ``--min-time`` seconds. ``ratio_vs_lstm`` divides a
+row's throughput by the better of ``torch.nn.LSTM``'s eager and graph paths on the same device
+in the same run (above 1: faster than the LSTM). ``--json PATH`` writes the list of rows.
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ import time
 DEFAULT_SHAPES = ["128x11x100x100", "16x50x405x200", "64x784x1x100"]
 REFERENCE = "torch.nn.LSTM"
 # Extra rows: the two fast-weights forms, besides the `auto` default.
-DEFAULT_VARIANTS = ["fast_weights:form=matrix", "fast_weights:form=memory"]
+DEFAULT_VARIANTS = [
+    "fast_weights:form=matrix",
+    "fast_weights:form=memory",
+    "fast_weights:form=matrix,checkpoint_every=28",  # memory-lean: √784 steps per chunk
+]
+PATHS = ("eager", "graph")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -46,7 +57,10 @@ def build(case: str, input_size: int, hidden_size: int):
 
     name, _, assignments = case.partition(":")
     cell_cls = Registry().get("cell", name)
-    overrides = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    import yaml
+
+    pairs = (a.split("=", 1) for a in assignments.split(",") if a)
+    overrides = {key: yaml.safe_load(value) for key, value in pairs}  # "28" -> 28
     config = cell_cls.Config(hidden_size=hidden_size, **overrides)
     cell = cell_cls(input_size, config)
     return lambda x: cell(x)[0], cell
@@ -68,8 +82,8 @@ def saved_for_backward_mib(run, x) -> float:
     return sum(storages.values()) / 2**20
 
 
-def measure(case: str, shape: str, device: str, min_time: float) -> dict:
-    """One case in this process (the child side)."""
+def measure(case: str, shape: str, device: str, path: str, min_time: float) -> dict:
+    """One case on one path in this process (the child side)."""
     import torch
 
     batch, steps, inputs, hidden = parse_shape(shape)
@@ -77,26 +91,33 @@ def measure(case: str, shape: str, device: str, min_time: float) -> dict:
     run, module = build(case, inputs, hidden)
     module.to(device)
     x = torch.randn(batch, steps, inputs, device=device)
+    cuda = device.startswith("cuda")
 
-    def once() -> None:
+    def eager() -> None:
         module.zero_grad(set_to_none=True)
         run(x).sum().backward()
 
     def synchronize() -> None:
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
 
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
+    if path == "graph":
+        if not cuda:
+            raise SystemExit("the graph path needs CUDA")
+        once = capture_forward_backward(run, module, x)
+    else:
+        once = eager
+    if cuda:
         once()  # warm-up, and the memory pass
         synchronize()
         memory_mib = (torch.cuda.max_memory_allocated() - baseline_cuda) / 2**20
+        once()
+        synchronize()
     else:
         memory_mib = saved_for_backward_mib(run, x)
-    if device.startswith("cuda"):
-        once()  # warm-up (on the CPU the memory pass above was one)
-        synchronize()
     iterations, started = 0, time.perf_counter()
     while True:
         once()
@@ -106,31 +127,45 @@ def measure(case: str, shape: str, device: str, min_time: float) -> dict:
         if elapsed >= min_time and iterations >= 2:
             break
     return {
-        "case": case,
+        "cell": case,
         "shape": shape,
         "device": device,
-        "sequences_per_s": batch * iterations / elapsed,
+        "path": path,
+        "seq_per_s": batch * iterations / elapsed,
         "ms_per_iteration": 1000 * elapsed / iterations,
-        "memory_mib": memory_mib,
-        "memory_kind": "peak allocated" if device.startswith("cuda") else "saved for backward",
+        "peak_mib": memory_mib,
+        "memory_kind": "peak allocated" if cuda else "saved for backward",
     }
 
 
-def run_case(case: str, shape: str, device: str, min_time: float) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        case,
-        shape,
-        "--device",
-        device,
-        "--min-time",
-        str(min_time),
-    ]
+def capture_forward_backward(run, module, x):
+    """A CUDA graph of zeroing the gradients, the forward and the backward pass on ``x``
+    (static shapes); returns its replay. Warm-up runs on a side stream, as capture requires."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module.zero_grad(set_to_none=False)
+            run(x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                parameter.grad.zero_()
+        run(x).sum().backward()
+    return graph.replay
+
+
+def run_case(case: str, shape: str, device: str, path: str, min_time: float) -> dict:
+    command = [sys.executable, __file__, "--child", case, shape, path, "--device", device,
+               "--min-time", str(min_time)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"case": case, "shape": shape, "device": device, "error": done.stderr[-500:]}
+        return {"cell": case, "shape": shape, "device": device, "path": path,
+                "error": done.stderr[-500:] or done.stdout[-500:]}  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -147,55 +182,62 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds timed per case")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paths", nargs="*", help="eager and graph (default: eager, and graph on CUDA)"
+    )
+    parser.add_argument(
+        "--child", nargs=3, metavar=("CASE", "SHAPE", "PATH"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(measure(*args.child, args.device, args.min_time)))
+        case, shape, path = args.child
+        print(json.dumps(measure(case, shape, args.device, path, args.min_time)))
         return
 
     from fwlab.registry import Registry
 
+    cuda = args.device.startswith("cuda")
+    paths = args.paths or (["eager", "graph"] if cuda else ["eager"])
     cells = args.cells or Registry().names("cell")
     cases = [REFERENCE, *cells, *[v for v in args.variants if v.split(":")[0] in cells]]
+    device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
-        rows = {case: run_case(case, shape, args.device, args.min_time) for case in cases}
-        reference = rows[REFERENCE].get("sequences_per_s")
-        for row in rows.values():
-            if reference and "sequences_per_s" in row:
-                row["ratio_to_torch_lstm"] = row["sequences_per_s"] / reference
+        rows = [run_case(case, shape, args.device, path, args.min_time)
+                for case in cases for path in paths]  # fmt: skip
+        best_lstm = max(
+            (r["seq_per_s"] for r in rows if r["cell"] == REFERENCE and "seq_per_s" in r),
+            default=None,
+        )
+        for row in rows:
+            row["device_name"] = device_name
+            if best_lstm and "seq_per_s" in row:
+                row["ratio_vs_lstm"] = row["seq_per_s"] / best_lstm
             results.append(row)
+        with open(args.json, "w") as file:  # after every shape: a cut-off run keeps its rows
+            json.dump(results, file, indent=2)
     _print_table(results)
-    report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "device": args.device,
-            "device_name": _device_name(args.device),
-        },
-        "results": results,
-    }
-    with open(args.json, "w") as file:
-        json.dump(report, file, indent=2)
-    print(f"\nwrote {args.json}")
+    print(f"\n{device_name}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"wrote {args.json}")
 
 
 def _print_table(results: list[dict]) -> None:
     header = (
-        f"{'shape BxTxIxH':<16} {'cell':<26} {'seq/s':>10} {'ms/iter':>9} {'MiB':>9} {'vs LSTM':>8}"
+        f"{'shape BxTxIxH':<16} {'cell':<44} {'path':<6} {'seq/s':>10} {'ms/iter':>9} "
+        f"{'MiB':>9} {'vs LSTM':>8}"
     )
     print(header)
     print("-" * len(header))
     for row in results:
         if "error" in row:
-            print(f"{row['shape']:<16} {row['case']:<26} error: {row['error'].splitlines()[-1]}")
+            last = (row["error"].strip().splitlines() or ["?"])[-1]
+            print(f"{row['shape']:<16} {row['cell']:<44} {row['path']:<6} error: {last}")
             continue
         print(
-            f"{row['shape']:<16} {row['case']:<26} {row['sequences_per_s']:>10.1f} "
-            f"{row['ms_per_iteration']:>9.2f} {row['memory_mib']:>9.1f} "
-            f"{row.get('ratio_to_torch_lstm', float('nan')):>8.3f}"
+            f"{row['shape']:<16} {row['cell']:<44} {row['path']:<6} {row['seq_per_s']:>10.1f} "
+            f"{row['ms_per_iteration']:>9.2f} {row['peak_mib']:>9.1f} "
+            f"{row.get('ratio_vs_lstm', float('nan')):>8.3f}"
         )
 
 

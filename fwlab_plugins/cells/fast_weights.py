@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fwlab.cell import Cell, CellConfig
 
@@ -64,6 +65,10 @@ class FastWeightsConfig(CellConfig):
     layer_norm: bool = True  # LN inside the inner loop
     recurrent_init_scale: float = 0.05  # W initialised to this times the identity
     form: FastWeightsForm = FastWeightsForm.auto  # matrix | memory | auto (cheaper for the shape)
+    # Training memory: keep the state only every this many steps and recompute each chunk in the
+    # backward pass (activation checkpointing); 0 keeps every step. About √T suits long inputs:
+    # 28 for pixel-by-pixel MNIST stores 28 fast-weight matrices per sequence instead of 784.
+    checkpoint_every: int = 0
 
 
 class FastWeightsCell(Cell):
@@ -80,6 +85,9 @@ class FastWeightsCell(Cell):
         self.decay = config.decay
         self.fast_learning_rate = config.fast_learning_rate
         self.inner_steps = config.inner_steps
+        if config.checkpoint_every < 0:
+            raise ValueError(f"model.checkpoint_every must be >= 0, got {config.checkpoint_every}")
+        self.checkpoint_every = config.checkpoint_every
         self.input_weights = nn.Linear(input_size, hidden)  # C (and the bias)
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W
         self.layer_norm = nn.LayerNorm(hidden) if config.layer_norm else nn.Identity()
@@ -115,11 +123,30 @@ class FastWeightsCell(Cell):
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype, seq_len=x.shape[1])
         input_part = self.input_weights(x)  # (B, T, H): C x(t) + b for all t at once
+        chunk = self.checkpoint_every
+        if chunk > 0 and torch.is_grad_enabled() and x.shape[1] > chunk:
+            outputs = []
+            for part in input_part.split(chunk, dim=1):
+                part_outputs, *state_tensors = checkpoint(
+                    self._run, part, type(state), *state, use_reentrant=False
+                )
+                state = type(state)(*state_tensors)
+                outputs.append(part_outputs)
+            return torch.cat(outputs, dim=1), state
+        outputs, *state_tensors = self._run(input_part, type(state), *state)
+        return outputs, type(state)(*state_tensors)
+
+    def _run(
+        self, input_part: torch.Tensor, state_type: type, *state_tensors: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The steps of ``input_part`` (B, T', H) from a state given as its tensors (so that
+        activation checkpointing sees them): (outputs (B, T', H), *final state tensors)."""
+        state = state_type(*state_tensors)
         outputs = []
         for input_t in input_part.unbind(1):  # unbind, not slices: an O(T) backward
             state = self._advance(input_t, state)
             outputs.append(state.h)
-        return torch.stack(outputs, dim=1), state
+        return (torch.stack(outputs, dim=1), *state)
 
     def step(
         self, x_t: torch.Tensor, state: FastWeightsState
