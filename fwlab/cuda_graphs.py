@@ -56,6 +56,23 @@ class GraphedNetwork:
         self.eval_graph = None  # type: ignore[assignment]
         self.reported: set[str] = set()
         self.failed: set[str] = set()  # "train" / "eval": capture failed, stay eager
+        self.captured_storage: tuple[int, ...] | None = None
+
+    def _storage(self) -> tuple[int, ...]:
+        """Where the parameters and buffers live: a graph reads them there."""
+        tensors = [*self.modules.parameters(), *self.modules.buffers()]
+        return tuple(tensor.data_ptr() for tensor in tensors)
+
+    def _drop_stale_graphs(self) -> None:
+        """Forget the graphs if a parameter or buffer was replaced rather than updated in place
+        (Lightning loading a checkpoint may assign new tensors): replaying them would read
+        freed memory."""
+        storage = self._storage()
+        if self.captured_storage is not None and storage != self.captured_storage:
+            self.training_graph = None
+            self.eval_graph = None  # type: ignore[assignment]
+            rank_zero_info("fwlab: CUDA graphs: the weights were replaced; capturing again")
+        self.captured_storage = storage
 
     def _fallback(self, reason: str, inputs: torch.Tensor) -> torch.Tensor:
         if reason not in self.reported:
@@ -73,6 +90,7 @@ class GraphedNetwork:
         kind = "train" if training and torch.is_grad_enabled() else "eval"
         if kind in self.failed:
             return self.function(inputs)
+        self._drop_stale_graphs()
         if kind == "train":
             return self._train(inputs)
         if torch.is_grad_enabled():

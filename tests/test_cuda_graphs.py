@@ -28,7 +28,7 @@ def build(cell: str, graphs: bool, device: str):
     config.merge_with(
         {
             "model": dataclasses.asdict(small_config(REGISTRY.get("cell", cell), hidden_size=16)),
-            "data": {"train_size": 64, "val_size": 16, "test_size": 16, "batch_size": 16},
+            "data": {"train_size": 128, "val_size": 16, "test_size": 16, "batch_size": 16},
         }
     )
     torch.manual_seed(0)
@@ -80,3 +80,18 @@ def test_captured_evaluation_gives_the_eager_outputs_and_other_shapes_fall_back(
 def test_on_the_cpu_the_switch_changes_nothing():
     on, off = train_losses("lstm", True, "cpu", steps=3), train_losses("lstm", False, "cpu", 3)
     assert on == off
+
+
+@needs_cuda
+def test_weights_replaced_by_new_tensors_are_captured_again():
+    """Lightning may load a checkpoint by assigning new tensors: the graphs must not replay
+    against the old (freed) ones."""
+    model, data = build("lstm", graphs=True, device="cuda")
+    model.eval()
+    inputs = next(iter(data.val_dataloader()))[0].cuda()
+    with torch.no_grad():
+        model(inputs)  # captured with the first weights
+        changed = {k: v + 0.1 if v.is_floating_point() else v for k, v in
+                   model.state_dict().items()}  # fmt: skip
+        model.load_state_dict(changed, assign=True)
+        torch.testing.assert_close(model(inputs), model.network(inputs), rtol=1e-5, atol=1e-5)

@@ -49,14 +49,19 @@ class StepwiseBatchNorm(nn.Module):
 
     def statistics_index(self, t: int) -> int:
         """The slot of statistics that time step ``t`` uses."""
+        return int(self._slot(t))
+
+    def _slot(self, t: int) -> int | torch.Tensor:
+        """:meth:`statistics_index` without reading a buffer back to the CPU (in evaluation the
+        slot depends on T_max, a buffer: it stays a tensor, so a CUDA graph can capture it)."""
+        slot = min(t, self.max_time_steps - 1)
         if self.training:
-            return min(t, self.max_time_steps - 1)
-        longest = max(int(self.trained_steps), 1)
-        return min(t, longest - 1, self.max_time_steps - 1)
+            return slot
+        return (self.trained_steps.clamp(min=1) - 1).clamp(max=slot)
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Normalise ``x (B, F)``, the features at time step ``t``."""
-        index = self.statistics_index(t)
+        index = self._slot(t)
         if self.training:
             mean = x.mean(dim=0)
             centred = x - mean
@@ -66,8 +71,7 @@ class StepwiseBatchNorm(nn.Module):
                 unbiased = var * (batch / (batch - 1)) if batch > 1 else var
                 self.running_mean[index].lerp_(mean.detach().to(self.running_mean), self.momentum)
                 self.running_var[index].lerp_(unbiased.detach().to(self.running_var), self.momentum)
-                if t + 1 > self.trained_steps:
-                    self.trained_steps.fill_(t + 1)
+                self.trained_steps.clamp_(min=t + 1)  # T_max, with no read-back to the CPU
         else:
             centred = x - self.running_mean[index]
             var = self.running_var[index]
