@@ -140,24 +140,16 @@ def python_command(*arguments: str) -> list[str]:
 def write_run_job(invocation: Invocation, options: SlurmOptions, submit_job: bool) -> int:
     """``fwlab slurm fit|validate|test ...``: check the config, make the run directory (with
     ``config.yaml`` and ``slurm.sbatch``), and submit the script if asked."""
-    from fwlab.config import compose, to_yaml
+    from fwlab.config import to_yaml
     from fwlab.registry import default_registry
     from fwlab.rundir import CONFIG_FILE, create_run_dir, run_dir_of
-    from fwlab.training import RUN_DIR_ENV_VAR, saved_config
+    from fwlab.training import RUN_DIR_ENV_VAR, compose_invocation
 
     check_no_conflict(invocation.overrides)
-    overrides = [*invocation.overrides, *trainer_overrides(options)]
+    allocation = trainer_overrides(options)
+    overrides = [*invocation.overrides, *allocation]
     registry = default_registry(invocation.plugins)
-    base, base_source, resume_dir = saved_config(invocation)
-    config = compose(
-        registry,
-        model=invocation.model,
-        data=invocation.data,
-        overrides=overrides,
-        config_files=invocation.config_files,
-        base=base,
-        base_source=base_source,
-    )
+    config, resume_dir = compose_invocation(invocation, registry, allocation)
     if resume_dir is not None:  # the job continues that run, in its directory
         run_dir = run_dir_of(resume_dir)
     else:

@@ -94,7 +94,7 @@ def build_model_and_data(
     return model, datamodule
 
 
-def saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, Path | None]:
+def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, Path | None]:
     """The config a resumed run or an evaluated checkpoint was trained with."""
     if invocation.resume:
         run_dir = run_dir_of(invocation.resume)
@@ -167,20 +167,29 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
     return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
 
 
-def run(invocation: Invocation) -> int:
-    """Carry out one command; returns the exit status."""
-    started = time.monotonic()
-    registry = default_registry(invocation.plugins)
-    base, base_source, resume_dir = saved_config(invocation)
+def compose_invocation(
+    invocation: Invocation, registry: Registry, extra_overrides: list[str] | None = None
+) -> tuple[DictConfig, Path | None]:
+    """The config a command line asks for (on top of a resumed run's or a checkpoint's saved
+    config), and the run directory it resumes, if any."""
+    base, base_source, resume_dir = _saved_config(invocation)
     config = compose(
         registry,
         model=invocation.model,
         data=invocation.data,
-        overrides=invocation.overrides,
+        overrides=[*invocation.overrides, *(extra_overrides or [])],
         config_files=invocation.config_files,
         base=base,
         base_source=base_source,
     )
+    return config, resume_dir
+
+
+def run(invocation: Invocation) -> int:
+    """Carry out one command; returns the exit status."""
+    started = time.monotonic()
+    registry = default_registry(invocation.plugins)
+    config, resume_dir = compose_invocation(invocation, registry)
     if invocation.print_config:
         print(to_yaml(config), end="")
         return 0
