@@ -37,7 +37,7 @@ def build(cell: str, graphs: bool, device: str):
     return model.to(device), data
 
 
-def train_losses(cell: str, graphs: bool, device: str, steps: int = 6) -> list[float]:
+def train_losses(cell: str, graphs: bool, device: str, steps: int = 6):
     model, data = build(cell, graphs, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -51,14 +51,15 @@ def train_losses(cell: str, graphs: bool, device: str, steps: int = 6) -> list[f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    return losses, model
 
 
 @needs_cuda
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_captured_training_step_gives_the_eager_loss_sequence(cell):
-    eager = train_losses(cell, graphs=False, device="cuda")
-    graphed = train_losses(cell, graphs=True, device="cuda")
+    eager, _ = train_losses(cell, graphs=False, device="cuda")
+    graphed, model = train_losses(cell, graphs=True, device="cuda")
+    assert model.graphs.training_graph is not None, f"not captured: {model.graphs.reported}"
     assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
 
@@ -72,14 +73,18 @@ def test_captured_evaluation_gives_the_eager_outputs_and_other_shapes_fall_back(
         eager = model.network(inputs)
         first, second = model(inputs), model(inputs)  # capture, then replay
         shorter = model(inputs[:5])  # another shape: eager
+    assert model.graphs.eval_graph is not None, f"not captured: {model.graphs.reported}"
     torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shorter, eager[:5], rtol=1e-5, atol=1e-5)
 
 
 def test_on_the_cpu_the_switch_changes_nothing():
-    on, off = train_losses("lstm", True, "cpu", steps=3), train_losses("lstm", False, "cpu", 3)
-    assert on == off
+    (on, model), (off, _) = (
+        train_losses("lstm", True, "cpu", 3),
+        train_losses("lstm", False, "cpu", 3),
+    )
+    assert on == off and model.graphs.training_graph is None
 
 
 @needs_cuda

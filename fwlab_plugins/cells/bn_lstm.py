@@ -75,10 +75,11 @@ class BNLSTMCell(Cell):
     def forward(
         self, x: torch.Tensor, state: BNLSTMState | None = None
     ) -> tuple[torch.Tensor, BNLSTMState]:
-        if state is None:
-            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        if state is None:  # a fresh sequence starts at step 0 (no read-back of state.time)
+            state, start = self.initial_state(x.shape[0], x.device, x.dtype), 0
+        else:
+            start = int(state.time[0]) if state.time.numel() else 0
         input_part = x @ self.input_weights.T  # (B, T, 4H): W_x x_t for all t at once
-        start = int(state.time[0]) if state.time.numel() else 0
         h, c, outputs = state.h, state.c, []
         for offset, input_t in enumerate(input_part.unbind(1)):  # unbind: O(T) backward
             h, c = self._advance(input_t, h, c, start + offset)
