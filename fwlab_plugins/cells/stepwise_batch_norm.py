@@ -12,6 +12,7 @@ a known bug of public ports, batch statistics at test time, is what ``eval()`` a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,20 +61,26 @@ class StepwiseBatchNorm(nn.Module):
         return (self.trained_steps.clamp(min=1) - 1).clamp(max=slot)
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Normalise ``x (B, F)``, the features at time step ``t``."""
+        """Normalise ``x (B, F)``, the features at time step ``t``.
+
+        One fused ``batch_norm`` call on the slot's rows of the running statistics: in training
+        it normalises with the batch's statistics and updates that slot in place
+        (running ← (1 − momentum)·running + momentum·batch, the variance unbiased), in
+        evaluation it uses the slot's population statistics."""
         index = self._slot(t)
         if self.training:
-            mean = x.mean(dim=0)
-            centred = x - mean
-            var = centred.square().mean(dim=0)  # biased, as batch norm normalises
-            with torch.no_grad():
-                batch = x.shape[0]
-                unbiased = var * (batch / (batch - 1)) if batch > 1 else var
-                self.running_mean[index].lerp_(mean.detach().to(self.running_mean), self.momentum)
-                self.running_var[index].lerp_(unbiased.detach().to(self.running_var), self.momentum)
-                self.trained_steps.clamp_(min=t + 1)  # T_max, with no read-back to the CPU
-        else:
-            centred = x - self.running_mean[index]
-            var = self.running_var[index]
-        normalised = centred * torch.rsqrt(var + self.eps) * self.weight
-        return normalised + self.bias if self.bias is not None else normalised
+            self.trained_steps.clamp_(min=t + 1)  # T_max, with no read-back to the CPU
+            if x.shape[0] == 1:  # one sample: no variance to estimate, statistics kept as are
+                normalised = (x - x.mean(dim=0)) * torch.rsqrt(x.new_tensor(self.eps))
+                normalised = normalised * self.weight
+                return normalised + self.bias if self.bias is not None else normalised
+        return F.batch_norm(
+            x,
+            self.running_mean[index],
+            self.running_var[index],
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
