@@ -19,6 +19,7 @@ logged with its reason. Replays read the parameters in place, so optimiser steps
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -52,8 +53,7 @@ class GraphedNetwork:
         self.modules = nn.ModuleList(modules)
         self.enabled = enabled
         self.training_graph: tuple[tuple[int, ...], Callable] | None = None
-        self.eval_graph: tuple[tuple[int, ...], torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]
-        self.eval_graph = None  # type: ignore[assignment]
+        self.eval_graph: tuple[tuple[int, ...], Any, torch.Tensor, torch.Tensor] | None = None
         self.reported: set[str] = set()
         self.failed: set[str] = set()  # "train" / "eval": capture failed, stay eager
         self.captured_storage: tuple[int, ...] | None = None
@@ -67,12 +67,13 @@ class GraphedNetwork:
         """Forget the graphs if a parameter or buffer was replaced rather than updated in place
         (Lightning loading a checkpoint may assign new tensors): replaying them would read
         freed memory."""
-        storage = self._storage()
-        if self.captured_storage is not None and storage != self.captured_storage:
+        if self.captured_storage is None:  # nothing captured yet
+            return
+        if self._storage() != self.captured_storage:
             self.training_graph = None
-            self.eval_graph = None  # type: ignore[assignment]
+            self.eval_graph = None
+            self.captured_storage = None
             rank_zero_info("fwlab: CUDA graphs: the weights were replaced; capturing again")
-        self.captured_storage = storage
 
     def _fallback(self, reason: str, inputs: torch.Tensor) -> torch.Tensor:
         if reason not in self.reported:
@@ -108,6 +109,7 @@ class GraphedNetwork:
                 self.failed.add("train")
                 return self._fallback(f"training capture failed ({error})", inputs)
             self.training_graph = (shape, graphed)
+            self.captured_storage = self._storage()
             rank_zero_info(f"fwlab: CUDA graphs: captured forward+backward for inputs {shape}")
         captured_shape, graphed = self.training_graph
         if shape != captured_shape:
@@ -132,6 +134,7 @@ class GraphedNetwork:
                 self.failed.add("eval")
                 return self._fallback(f"evaluation capture failed ({error})", inputs)
             self.eval_graph = (shape, graph, static_inputs, static_outputs)
+            self.captured_storage = self._storage()
         captured_shape, graph, static_inputs, static_outputs = self.eval_graph
         if shape != captured_shape:
             return self._fallback(f"input shape {shape} differs from the captured one", inputs)

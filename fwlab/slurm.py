@@ -11,6 +11,7 @@ continues the same W&B run (its id is stored in the run directory and in the che
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import shutil
@@ -235,7 +236,7 @@ def write_sweep_job(
     extra = trainer_overrides(options)
     plugins = [_absolute_if_file(p) for p in plugins]
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    options.signal_seconds = None
+    options = dataclasses.replace(options, signal_seconds=None)  # trials are not requeued
     if backend == "optuna":
         open_study(spec, sweep_dir)  # the study exists before the first task starts
         arguments = ["sweep", str(Path(sweep_file).resolve()), "--backend", "optuna"]

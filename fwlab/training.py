@@ -82,12 +82,17 @@ class ValidateOnLastStep(Callback):
             trainer.should_stop = True
 
 
+def build_datamodule(config: DictConfig, registry: Registry) -> L.LightningDataModule:
+    """The datamodule a config names, with its typed config."""
+    data_cls = registry.get("data", config.data.name)
+    return data_cls(dataclass_from(data_cls.Config, config.data))
+
+
 def build_model_and_data(
     config: DictConfig, registry: Registry
 ) -> tuple[L.LightningModule, L.LightningDataModule]:
     """Instantiate the datamodule and the model a config names, checking they pair up."""
-    data_cls = registry.get("data", config.data.name)
-    datamodule = data_cls(dataclass_from(data_cls.Config, config.data))
+    datamodule = build_datamodule(config, registry)
     name = config.model.name
     model_cls = registry.get("model", name if ("model", name) in registry else GENERIC_MODEL)
     model = model_cls.build(config, datamodule.spec, registry)

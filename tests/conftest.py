@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,12 @@ def run_fwlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
         text=True,
         timeout=timeout,
     )
+
+
+def write_executable(path: Path, text: str) -> None:
+    """A small script (a fake ``sbatch`` or ``scontrol`` on PATH)."""
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 def only_run_dir(root: Path) -> Path:

@@ -15,10 +15,10 @@ import lightning as L
 import pytest
 import torch
 
-from fwlab.config import GENERIC_MODEL, compose, dataclass_from
+from fwlab.config import GENERIC_MODEL, compose
 from fwlab.errors import IncompatibleError
 from fwlab.registry import Registry
-from fwlab.training import build_model_and_data
+from fwlab.training import build_datamodule, build_model_and_data
 
 from .test_cells import small_config
 
@@ -42,11 +42,6 @@ def tiny_config(model: str, data: str, directory):
     return config
 
 
-def make_datamodule(config):
-    data_cls = REGISTRY.get("data", config.data.name)
-    return data_cls(dataclass_from(data_cls.Config, config.data))
-
-
 @pytest.mark.parametrize(("model", "data"), PAIRS, ids=[f"{m}-{d}" for m, d in PAIRS])
 def test_a_pair_trains_or_is_refused_before_training(model, data, tmp_path):
     L.seed_everything(0, verbose=False)
@@ -55,7 +50,7 @@ def test_a_pair_trains_or_is_refused_before_training(model, data, tmp_path):
         built, datamodule = build_model_and_data(config, REGISTRY)
     except IncompatibleError as error:
         assert str(error), "a refusal must say why"
-        kind = make_datamodule(config).spec.input_kind
+        kind = build_datamodule(config, REGISTRY).spec.input_kind
         assert model not in CELLS or kind not in SEQUENCE_KINDS, (
             f"cell {model} refused the sequence datamodule {data}: {error}"
         )

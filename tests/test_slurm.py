@@ -9,19 +9,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
 
 import torch
 
-from .conftest import fwlab_env, read_results, run_fwlab
-
-
-def write_executable(path, text: str):
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+from .conftest import fwlab_env, read_results, run_fwlab, write_executable
 
 
 def sbatch_options(script: str) -> dict[str, str]:

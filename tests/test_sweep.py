@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import re
-import stat
 import textwrap
 
 import pytest
@@ -18,7 +17,7 @@ from fwlab.errors import ConfigError
 from fwlab.registry import Registry
 from fwlab.sweep import load_sweep, trial_command, wandb_sweep_config
 
-from .conftest import fwlab_env, read_results, run_fwlab
+from .conftest import fwlab_env, read_results, run_fwlab, write_executable
 
 TINY = textwrap.dedent(
     """
@@ -138,9 +137,8 @@ def test_every_preset_sweep_composes_for_every_grid_point(path):
 def test_slurm_array_workers_join_one_study(tmp_path, tiny_sweep):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.calls\n'
-                                    'echo "Submitted batch job 77"\n')  # fmt: skip
-    (bin_dir / "sbatch").chmod(0o755 | stat.S_IEXEC)
+    write_executable(bin_dir / "sbatch", f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.calls\n'
+                     'echo "Submitted batch job 77"\n')  # fmt: skip
     env = fwlab_env(tmp_path)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     result = run_fwlab("slurm", "sweep", str(tiny_sweep), "--array", "4", "--submit",

@@ -73,9 +73,9 @@ class CausalShiftDataModule(DataModule):
                 f"data.intervention='{config.intervention}' is not one of "
                 f"{', '.join(INTERVENTIONS)}"
             )
-        for key in ("categories", "transfer_samples", "heldout_samples"):
-            if getattr(config, key) < 1 + (key == "categories"):
-                raise ConfigError(f"data.{key}={getattr(config, key)} is too small")
+        for key, least in (("categories", 2), ("transfer_samples", 1), ("heldout_samples", 1)):
+            if getattr(config, key) < least:
+                raise ConfigError(f"data.{key}={getattr(config, key)}: must be at least {least}")
         super().__init__(config)
         rng = np.random.default_rng([config.seed, 0])
         n, c = config.categories, config.concentration
