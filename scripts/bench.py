@@ -8,7 +8,10 @@ Each measurement runs in a fresh subprocess, on each available path:
 
 - ``eager``: the module as written;
 - ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
-  removes the per-kernel launch cost of the Python time loop (static shapes only).
+  removes the per-kernel launch cost of the Python time loop (static shapes only);
+- ``fused`` (CUDA, cells with a ``kernel`` option): the cell's Triton kernel, the whole time
+  loop in one launch each way. ``eager`` and ``graph`` run such cells with ``kernel=torch``,
+  their PyTorch reference.
 
 Memory, in MiB: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during forward+backward
 (for ``graph``, the graph's memory pool included); on the CPU, where the allocator keeps no such
@@ -39,7 +42,7 @@ DEFAULT_VARIANTS = [
     "fast_weights:form=memory",
     "fast_weights:form=matrix,checkpoint_every=28",  # memory-lean: √784 steps per chunk
 ]
-PATHS = ("eager", "graph")
+PATHS = ("eager", "graph", "fused")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -47,7 +50,9 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return batch, steps, inputs, hidden
 
 
-def build(case: str, input_size: int, hidden_size: int):
+def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
+    import dataclasses
+
     import torch
 
     if case == REFERENCE:
@@ -61,6 +66,10 @@ def build(case: str, input_size: int, hidden_size: int):
 
     pairs = (a.split("=", 1) for a in assignments.split(",") if a)
     overrides = {key: yaml.safe_load(value) for key, value in pairs}  # "28" -> 28
+    if "kernel" in {field.name for field in dataclasses.fields(cell_cls.Config)}:
+        overrides.setdefault("kernel", "triton" if path == "fused" else "torch")
+    elif path == "fused":
+        raise SystemExit(f"{name} has no fused kernel")
     config = cell_cls.Config(hidden_size=hidden_size, **overrides)
     cell = cell_cls(input_size, config)
     return lambda x: cell(x)[0], cell
@@ -88,7 +97,7 @@ def measure(case: str, shape: str, device: str, path: str, min_time: float) -> d
 
     batch, steps, inputs, hidden = parse_shape(shape)
     torch.manual_seed(0)
-    run, module = build(case, inputs, hidden)
+    run, module = build(case, inputs, hidden, path)
     module.to(device)
     x = torch.randn(batch, steps, inputs, device=device)
     cuda = device.startswith("cuda")
@@ -183,7 +192,7 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds timed per case")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument(
-        "--paths", nargs="*", help="eager and graph (default: eager, and graph on CUDA)"
+        "--paths", nargs="*", help="eager, graph, fused (default: eager; all three on CUDA)"
     )
     parser.add_argument(
         "--child", nargs=3, metavar=("CASE", "SHAPE", "PATH"), help=argparse.SUPPRESS
@@ -198,14 +207,17 @@ def main() -> None:
     from fwlab.registry import Registry
 
     cuda = args.device.startswith("cuda")
-    paths = args.paths or (["eager", "graph"] if cuda else ["eager"])
-    cells = args.cells or Registry().names("cell")
+    paths = args.paths or (list(PATHS) if cuda else ["eager"])
+    registry = Registry()
+    cells = args.cells or registry.names("cell")
     cases = [REFERENCE, *cells, *[v for v in args.variants if v.split(":")[0] in cells]]
+    fused_cells = {name for name in cells if _has_kernel_option(registry, name)}
     device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
         rows = [run_case(case, shape, args.device, path, args.min_time)
-                for case in cases for path in paths]  # fmt: skip
+                for case in cases for path in paths
+                if path != "fused" or case.split(":")[0] in fused_cells]  # fmt: skip
         best_lstm = max(
             (r["seq_per_s"] for r in rows if r["cell"] == REFERENCE and "seq_per_s" in r),
             default=None,
@@ -239,6 +251,13 @@ def _print_table(results: list[dict]) -> None:
             f"{row['ms_per_iteration']:>9.2f} {row['peak_mib']:>9.1f} "
             f"{row.get('ratio_vs_lstm', float('nan')):>8.3f}"
         )
+
+
+def _has_kernel_option(registry, name: str) -> bool:
+    import dataclasses
+
+    config_cls = registry.get("cell", name).Config
+    return "kernel" in {field.name for field in dataclasses.fields(config_cls)}
 
 
 def _cuda_available() -> bool:

@@ -79,28 +79,30 @@ class BNLSTMCell(Cell):
             state, start = self.initial_state(x.shape[0], x.device, x.dtype), 0
         else:
             start = int(state.time[0]) if state.time.numel() else 0
-        input_part = x @ self.input_weights.T  # (B, T, 4H): W_x x_t for all t at once
+        # BN(W_x x_t) + b for all t at once: the input term does not depend on the recurrence
+        input_part = self.input_norm.forward_sequence(x @ self.input_weights.T, start) + self.bias
         h, c, outputs = state.h, state.c, []
         for offset, input_t in enumerate(input_part.unbind(1)):  # unbind: O(T) backward
-            h, c = self._advance(input_t, h, c, start + offset)
+            h, c = self._recur(input_t, h, c, start + offset)
             outputs.append(h)
         time = state.time + x.shape[1]
         return torch.stack(outputs, dim=1), BNLSTMState(h, c, time)
 
     def step(self, x_t: torch.Tensor, state: BNLSTMState) -> tuple[torch.Tensor, BNLSTMState]:
         t = int(state.time[0]) if state.time.numel() else 0
-        h, c = self._advance(x_t @ self.input_weights.T, state.h, state.c, t)
+        input_part = self.input_norm(x_t @ self.input_weights.T, t) + self.bias
+        h, c = self._recur(input_part, state.h, state.c, t)
         return h, BNLSTMState(h, c, state.time + 1)
 
-    def _advance(
+    def _recur(
         self, input_part: torch.Tensor, h: torch.Tensor, c: torch.Tensor, t: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = (
-            self.recurrent_norm(h @ self.recurrent_weights.T, t)
-            + self.input_norm(input_part, t)
-            + self.bias
-        )  # (B, 4H)
-        forget, input_gate, output, candidate = gates.chunk(4, dim=1)
-        c = torch.sigmoid(forget) * c + torch.sigmoid(input_gate) * torch.tanh(candidate)
-        h = torch.sigmoid(output) * torch.tanh(self.cell_norm(c, t))
+        """One step given ``input_part`` = BN(W_x x_t) + b, the (B, 4H) input term."""
+        gates = self.recurrent_norm(h @ self.recurrent_weights.T, t) + input_part  # (B, 4H)
+        hidden = self.hidden_size
+        # one sigmoid over the three contiguous gates (f, i, o), one tanh over g
+        forget, input_gate, output = torch.sigmoid(gates[:, : 3 * hidden]).chunk(3, dim=1)
+        candidate = torch.tanh(gates[:, 3 * hidden :])
+        c = forget * c + input_gate * candidate
+        h = output * torch.tanh(self.cell_norm(c, t))
         return h, c

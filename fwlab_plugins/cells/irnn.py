@@ -6,6 +6,9 @@ Linear Units", arXiv 1504.00941).
 with W_h initialised to the identity (optionally scaled), b to zero and W_x from a small Gaussian
 (the paper: standard deviation 0.001). The paper trains it with gradient clipping; its preset
 (configs/model/irnn.yaml) carries that.
+
+On CUDA the time loop runs as one Triton kernel each way (:mod:`.kernels.irnn_triton`) where
+the shape allows; ``model.kernel=torch`` keeps the plain loop below, which is the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells import kernels
 
 
 class IRNNState(NamedTuple):
@@ -27,6 +31,7 @@ class IRNNState(NamedTuple):
 class IRNNConfig(CellConfig):
     recurrent_init_scale: float = 1.0  # W_h = scale · I (Le et al.: 1; < 1 for long tasks)
     input_init_std: float = 0.001  # W_x ~ N(0, std²)
+    kernel: str = "auto"  # auto: the fused Triton loop on CUDA where it fits; triton; torch
 
 
 class IRNNCell(Cell):
@@ -36,6 +41,7 @@ class IRNNCell(Cell):
 
     def __init__(self, input_size: int, config: IRNNConfig) -> None:
         super().__init__(input_size, config)
+        kernels.check_kernel_choice(config.kernel)
         hidden = config.hidden_size
         self.input_weights = nn.Linear(input_size, hidden)  # W_x, b
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W_h
@@ -58,11 +64,26 @@ class IRNNCell(Cell):
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         input_part = self.input_weights(x)  # (B, T, H): W_x x_t + b for all t at once
+        if self._fused(input_part):
+            from fwlab_plugins.cells.kernels.irnn_triton import irnn_sequence
+
+            outputs = irnn_sequence(input_part, self.recurrent_weights.weight, state.h)
+            return outputs, IRNNState(outputs[:, -1])
         h, outputs = state.h, []
         for input_t in input_part.unbind(1):  # unbind, not slices: an O(T) backward
             h = torch.relu(input_t + self.recurrent_weights(h))
             outputs.append(h)
         return torch.stack(outputs, dim=1), IRNNState(h)
+
+    def _fused(self, input_part: torch.Tensor) -> bool:
+        if self.config.kernel == "torch":  # no import of the kernel module at all
+            return False
+        fits = kernels.triton_installed() and input_part.shape[1] > 0
+        if fits:
+            from fwlab_plugins.cells.kernels.irnn_triton import fits as kernel_fits
+
+            fits = kernel_fits(input_part, self.hidden_size)
+        return kernels.use_triton(self.config.kernel, input_part, fits)
 
     def step(self, x_t: torch.Tensor, state: IRNNState) -> tuple[torch.Tensor, IRNNState]:
         h = torch.relu(self.input_weights(x_t) + self.recurrent_weights(state.h))

@@ -84,3 +84,35 @@ class StepwiseBatchNorm(nn.Module):
             momentum=self.momentum,
             eps=self.eps,
         )
+
+    def forward_sequence(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Normalise ``x (B, T, F)``, steps ``start .. start+T-1``, all at once.
+
+        The same as calling :meth:`forward` on every step in order, when the steps are
+        independent of each other (an input-side term, computed for every t before the loop);
+        in training each step's statistics are its own, so the T normalisations and the T
+        running-average updates are one vectorised computation instead of T small ones."""
+        steps = x.shape[1]
+        if self.training and (start + steps > self.max_time_steps or x.shape[0] == 1):
+            # steps sharing the last slot update it one after another; a one-sample batch keeps
+            # the statistics as they are: the step-by-step path says exactly what happens
+            return torch.stack([self(x_t, start + i) for i, x_t in enumerate(x.unbind(1))], 1)
+        if self.training:
+            self.trained_steps.clamp_(min=start + steps)
+            mean = x.mean(dim=0)  # (T, F)
+            centred = x - mean
+            biased_var = centred.pow(2).mean(dim=0)
+            normalised = centred * torch.rsqrt(biased_var + self.eps)
+            with torch.no_grad():
+                unbiased = biased_var * (x.shape[0] / (x.shape[0] - 1))
+                slots = slice(start, start + steps)
+                self.running_mean[slots].lerp_(mean, self.momentum)
+                self.running_var[slots].lerp_(unbiased, self.momentum)
+        else:
+            times = torch.arange(start, start + steps, device=x.device)
+            slots = torch.minimum(times, self.trained_steps.clamp(min=1) - 1)
+            slots = slots.clamp(max=self.max_time_steps - 1)
+            mean, var = self.running_mean[slots], self.running_var[slots]  # (T, F)
+            normalised = (x - mean) * torch.rsqrt(var + self.eps)
+        normalised = normalised * self.weight
+        return normalised + self.bias if self.bias is not None else normalised

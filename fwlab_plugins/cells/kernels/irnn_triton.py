@@ -1,0 +1,120 @@
+"""The IRNN's time loop as one Triton kernel each way (Le et al. 2015):
+
+    forward:   h_t = ReLU(u_t + W_h h_{t-1}),        u_t = W_x x_t + b   (computed before, in torch)
+    backward:  δ_t = (∂L/∂h_t + W_hᵀ δ_{t+1}) ⊙ [h_t > 0],   ∂L/∂h_0 = W_hᵀ δ_1
+               ∂L/∂u_t = δ_t,   ∂L/∂W_h = Σ_t δ_t h_{t-1}ᵀ    (one matrix product, after the loop)
+
+Each program owns ``BLOCK_B`` sequences and keeps W_h (padded to ``BLOCK_H``², at most 128²) in
+registers for all T steps, so a step costs one on-chip matrix product and no launch. Products
+are IEEE float32 (or float64), not TF32: the kernel computes what the PyTorch cell computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIDDEN = 128  # W_h lives in registers: 128² float32 per program
+BLOCK_B = 16  # sequences per program (tl.dot's smallest tile)
+
+
+def fits(batch_inputs: torch.Tensor, hidden_size: int) -> bool:
+    """Whether the kernel takes this input: a hidden size it holds on chip, float32/64."""
+    return hidden_size <= MAX_HIDDEN and batch_inputs.dtype in (torch.float32, torch.float64)
+
+
+@triton.jit
+def _forward_kernel(
+    u_ptr, w_ptr, h0_ptr, out_ptr,
+    B, T, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < B)[:, None] & (cols < H)[None, :]
+    square = (cols < H)[:, None] & (cols < H)[None, :]
+    # W_hᵀ[k, j] = W_h[j, k]; the padding is zero, so padded units stay at ReLU(0) = 0
+    w_t = tl.load(w_ptr + cols[None, :] * H + cols[:, None], mask=square, other=0.0)
+    h = tl.load(h0_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0)
+    sequence = rows[:, None] * T * H + cols[None, :]  # (b, t=0, j) of a contiguous (B, T, H)
+    for t in range(T):
+        u = tl.load(u_ptr + sequence + t * H, mask=mask, other=0.0)
+        h = tl.maximum(u + tl.dot(h, w_t, input_precision="ieee"), 0.0)
+        tl.store(out_ptr + sequence + t * H, h, mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_out_ptr, out_ptr, w_ptr, grad_pre_ptr, grad_h0_ptr,
+    B, T, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < B)[:, None] & (cols < H)[None, :]
+    square = (cols < H)[:, None] & (cols < H)[None, :]
+    w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=square, other=0.0)
+    sequence = rows[:, None] * T * H + cols[None, :]
+    carried = tl.zeros((BLOCK_B, BLOCK_H), dtype=w.dtype)  # W_hᵀ δ_{t+1}, as rows: δ W_h
+    for step in range(T):
+        t = T - 1 - step
+        h = tl.load(out_ptr + sequence + t * H, mask=mask, other=0.0)
+        grad = tl.load(grad_out_ptr + sequence + t * H, mask=mask, other=0.0) + carried
+        delta = tl.where(h > 0, grad, 0.0)
+        tl.store(grad_pre_ptr + sequence + t * H, delta, mask=mask)
+        carried = tl.dot(delta, w, input_precision="ieee")
+    tl.store(grad_h0_ptr + rows[:, None] * H + cols[None, :], carried, mask=mask)
+
+
+def _launch_config(hidden_size: int, batch_size: int) -> tuple[tuple[int], dict]:
+    block_h = max(16, triton.next_power_of_2(hidden_size))
+    grid = (triton.cdiv(batch_size, BLOCK_B),)
+    return grid, {"BLOCK_B": BLOCK_B, "BLOCK_H": block_h, "num_warps": 8 if block_h > 64 else 4}
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``'s GPU (Triton launches on the current one); the CPU interpreter
+    needs no device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class FusedIRNN(torch.autograd.Function):
+    """``(u (B, T, H), W_h (H, H), h_0 (B, H)) -> h (B, T, H)`` through the Triton kernels."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor
+    ) -> torch.Tensor:
+        u, w, h0 = u.contiguous(), w.contiguous(), h0.contiguous()
+        batch, steps, hidden = u.shape
+        out = torch.empty_like(u)
+        grid, meta = _launch_config(hidden, batch)
+        with _on(u.device):
+            _forward_kernel[grid](u, w, h0, out, batch, steps, hidden, **meta)
+        ctx.save_for_backward(out, w, h0)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, w, h0 = ctx.saved_tensors
+        batch, steps, hidden = out.shape
+        grad_pre, grad_h0 = torch.empty_like(out), torch.empty_like(h0)
+        grid, meta = _launch_config(hidden, batch)
+        with _on(out.device):
+            _backward_kernel[grid](
+                grad_out.contiguous(), out, w, grad_pre, grad_h0, batch, steps, hidden, **meta
+            )
+        previous = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1)  # h_{t-1} for every t
+        grad_w = grad_pre.reshape(-1, hidden).T @ previous.reshape(-1, hidden)
+        return grad_pre, grad_w, grad_h0
+
+
+def irnn_sequence(u: torch.Tensor, w: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_t = ReLU(u_t + W_h h_{t-1}) for every t, fused; differentiable in all three inputs."""
+    return FusedIRNN.apply(u, w, h0)

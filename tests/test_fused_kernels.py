@@ -1,0 +1,103 @@
+"""Every fused (Triton) path against the cell's PyTorch reference, in outputs and gradients.
+
+On a GPU the kernels run natively; elsewhere in Triton's CPU interpreter (conftest sets
+``TRITON_INTERPRET=1``), so the same kernel code is checked on every machine. A cell with a
+fused path is one row of ``FUSED``; the tests below cover each row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fwlab.registry import Registry
+
+pytest.importorskip("triton", reason="the fused kernels need the triton package")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (cell, config overrides): the cells whose config has ``kernel`` with a Triton path
+FUSED = [("irnn", {"input_init_std": 0.5})]
+# (batch, steps, inputs, hidden): a batch that is not a whole number of tiles, a hidden size
+# that is not a power of two, one step, and the largest hidden size a kernel holds on chip
+SHAPES = [(19, 7, 3, 20), (2, 1, 2, 3), (5, 4, 6, 128)]
+
+
+def pair(name: str, overrides: dict, inputs: int, hidden: int, dtype=torch.float64):
+    """The same cell twice: the PyTorch reference and the Triton path, equal weights."""
+    cell_cls = Registry().get("cell", name)
+    torch.manual_seed(0)
+    config = cell_cls.Config(hidden_size=hidden, kernel="torch", **overrides)
+    reference = cell_cls(inputs, config).to(DEVICE, dtype)
+    with torch.no_grad():  # off the identity init, so every weight matters
+        for parameter in reference.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    fused = cell_cls(inputs, dataclasses.replace(config, kernel="triton")).to(DEVICE, dtype)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def outputs_and_gradients(cell, x, h0):
+    state = cell.initial_state(x.shape[0], x.device, x.dtype)._replace(h=h0)
+    outputs, final = cell(x, state)
+    loss = (outputs * torch.linspace(-1, 1, outputs.shape[-1], device=x.device)).pow(2).sum()
+    loss = loss + final.h.sum()  # the final state is differentiated too
+    gradients = torch.autograd.grad(loss, [x, h0, *cell.parameters()])
+    return outputs, gradients
+
+
+@pytest.mark.parametrize("name, overrides", FUSED)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_path_matches_the_reference_in_float64(name, overrides, shape):
+    batch, steps, inputs, hidden = shape
+    reference, fused = pair(name, overrides, inputs, hidden)
+    x = torch.randn(batch, steps, inputs, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(batch, hidden, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    expected, expected_gradients = outputs_and_gradients(reference, x, h0)
+    actual, actual_gradients = outputs_and_gradients(fused, x, h0)
+    assert actual.grad_fn is not None and "Fused" in type(actual.grad_fn).__name__
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(actual_gradients, expected_gradients):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, overrides", FUSED)
+def test_fused_path_passes_a_float64_gradient_check(name, overrides):
+    _, fused = pair(name, overrides, inputs=2, hidden=3)
+    names = [n for n, _ in fused.named_parameters()]
+    parameters = [p.detach().clone().requires_grad_(True) for p in fused.parameters()]
+    x = torch.randn(2, 3, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+
+    def function(x, *values):
+        return torch.func.functional_call(fused, dict(zip(names, values)), (x,))[0]
+
+    assert torch.autograd.gradcheck(function, (x, *parameters), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="float32 kernels are checked natively, on CUDA")
+@pytest.mark.parametrize("name, overrides", FUSED)
+def test_fused_path_matches_the_reference_in_float32_on_cuda(name, overrides):
+    reference, fused = pair(name, overrides, inputs=100, hidden=100, dtype=torch.float32)
+    x = torch.randn(64, 200, 100, device=DEVICE, requires_grad=True)
+    h0 = torch.zeros(64, 100, device=DEVICE, requires_grad=True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in IEEE float32 too
+    expected, expected_gradients = outputs_and_gradients(reference, x, h0)
+    actual, actual_gradients = outputs_and_gradients(fused, x, h0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    for got, want in zip(actual_gradients, expected_gradients):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, overrides", FUSED)
+def test_auto_uses_the_reference_on_the_cpu_and_bad_choices_are_named(name, overrides, monkeypatch):
+    cell_cls = Registry().get("cell", name)
+    cell = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="auto"))
+    outputs, _ = cell(torch.randn(2, 3, 3))
+    assert "Fused" not in type(outputs.grad_fn).__name__  # auto: natively only, on CUDA
+    with pytest.raises(ValueError, match="model.kernel must be one of auto, triton, torch"):
+        cell_cls(3, cell_cls.Config(hidden_size=4, kernel="fast"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    forced = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
+    with pytest.raises(RuntimeError, match="needs CUDA, or TRITON_INTERPRET=1"):
+        forced(torch.randn(2, 3, 3))
