@@ -28,6 +28,7 @@ import inspect
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,22 @@ class LoggerConfig:
     mode: str = "auto"
 
 
+class MatmulPrecision(str, Enum):
+    """How float32 matrix products may run on GPUs (``torch.set_float32_matmul_precision``).
+
+    cuDNN's LSTM uses TF32 tensor cores by default, so ``high`` puts every cell on its footing;
+    fwlab's fused kernels use three TF32 products there, about float32's accuracy."""
+
+    highest = "highest"  # IEEE float32
+    high = "high"  # TF32 tensor cores
+    medium = "medium"  # one TF32 or bfloat16 product
+
+
 @dataclass
 class RunConfig:
     seed: int = 1234  # seeds torch, numpy and Python for the run (not the data splits)
+    # highest | high | medium: torch.set_float32_matmul_precision for the run
+    float32_matmul_precision: MatmulPrecision = MatmulPrecision.high
     output_dir: str = "runs"  # each run gets a fresh directory under this one
     run_name: str | None = None  # part of the run directory's name and the W&B run's name
     experiment: str | None = None  # the experiment preset this run was composed from

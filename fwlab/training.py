@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from fwlab.config import (
     GENERIC_MODEL,
     LoggerConfig,
+    MatmulPrecision,
     compose,
     dataclass_from,
     to_plain,
@@ -201,6 +202,7 @@ def run(invocation: Invocation) -> int:
     resume_from = _resume_checkpoint(resume_dir) if resume_dir is not None else None
 
     L.seed_everything(config.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(MatmulPrecision(config.float32_matmul_precision).value)
     model, datamodule = build_model_and_data(config, registry)
     # Load the data now: a missing or malformed dataset fails before a run directory exists.
     # (Lightning calls setup() again; fwlab's datamodules return at once the second time.)

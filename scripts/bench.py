@@ -10,8 +10,12 @@ Each measurement runs in a fresh subprocess, on each available path:
 - ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
   removes the per-kernel launch cost of the Python time loop (static shapes only);
 - ``fused`` (CUDA, cells with a ``kernel`` option): the cell's Triton kernel, the whole time
-  loop in one launch each way. ``eager`` and ``graph`` run such cells with ``kernel=torch``,
-  their PyTorch reference.
+  loop in one launch each way, inside a captured graph as training runs it. ``eager`` and
+  ``graph`` run such cells with ``kernel=torch``, their PyTorch reference.
+
+Float32 products follow ``--matmul-precision`` (torch's setting; default ``high``, fwlab's
+default for runs), for torch's products and the fused kernels alike; cuDNN's LSTM uses TF32
+unless ``torch.backends.cudnn.allow_tf32`` is off (each row records both).
 
 Memory, in MiB: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during forward+backward
 (for ``graph``, the graph's memory pool included); on the CPU, where the allocator keeps no such
@@ -91,10 +95,13 @@ def saved_for_backward_mib(run, x) -> float:
     return sum(storages.values()) / 2**20
 
 
-def measure(case: str, shape: str, device: str, path: str, min_time: float) -> dict:
+def measure(
+    case: str, shape: str, device: str, path: str, min_time: float, precision: str = "high"
+) -> dict:
     """One case on one path in this process (the child side)."""
     import torch
 
+    torch.set_float32_matmul_precision(precision)
     batch, steps, inputs, hidden = parse_shape(shape)
     torch.manual_seed(0)
     run, module = build(case, inputs, hidden, path)
@@ -113,9 +120,9 @@ def measure(case: str, shape: str, device: str, path: str, min_time: float) -> d
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
-    if path == "graph":
+    if path in ("graph", "fused"):
         if not cuda:
-            raise SystemExit("the graph path needs CUDA")
+            raise SystemExit(f"the {path} path needs CUDA")
         once = capture_forward_backward(run, module, x)
     else:
         once = eager
@@ -144,6 +151,8 @@ def measure(case: str, shape: str, device: str, path: str, min_time: float) -> d
         "ms_per_iteration": 1000 * elapsed / iterations,
         "peak_mib": memory_mib,
         "memory_kind": "peak allocated" if cuda else "saved for backward",
+        "matmul_precision": precision,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     }
 
 
@@ -168,9 +177,11 @@ def capture_forward_backward(run, module, x):
     return graph.replay
 
 
-def run_case(case: str, shape: str, device: str, path: str, min_time: float) -> dict:
+def run_case(
+    case: str, shape: str, device: str, path: str, min_time: float, precision: str
+) -> dict:
     command = [sys.executable, __file__, "--child", case, shape, path, "--device", device,
-               "--min-time", str(min_time)]  # fmt: skip
+               "--min-time", str(min_time), "--matmul-precision", precision]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"cell": case, "shape": shape, "device": device, "path": path,
@@ -190,6 +201,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="BxTxIxH")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds timed per case")
+    parser.add_argument(
+        "--matmul-precision",
+        default="high",
+        choices=["highest", "high", "medium"],
+        help="torch.set_float32_matmul_precision in every measurement",
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument(
         "--paths", nargs="*", help="eager, graph, fused (default: eager; all three on CUDA)"
@@ -201,7 +218,8 @@ def main() -> None:
 
     if args.child:
         case, shape, path = args.child
-        print(json.dumps(measure(case, shape, args.device, path, args.min_time)))
+        row = measure(case, shape, args.device, path, args.min_time, args.matmul_precision)
+        print(json.dumps(row))
         return
 
     from fwlab.registry import Registry
@@ -215,7 +233,7 @@ def main() -> None:
     device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
-        rows = [run_case(case, shape, args.device, path, args.min_time)
+        rows = [run_case(case, shape, args.device, path, args.min_time, args.matmul_precision)
                 for case in cases for path in paths
                 if path != "fused" or case.split(":")[0] in fused_cells]  # fmt: skip
         best_lstm = max(

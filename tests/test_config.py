@@ -72,6 +72,10 @@ def test_a_value_of_the_wrong_type_names_the_key():
         make("model.hidden_size=many")
     with pytest.raises(ConfigError, match="model.form"):
         make("model.form=matrx")
+    with pytest.raises(ConfigError, match="float32_matmul_precision"):
+        make("float32_matmul_precision=fast")
+    with pytest.raises(ConfigError, match="model.kernel"):
+        make("model.kernel=cuda", model="irnn")
 
 
 def test_keys_fwlab_sets_itself_are_refused_with_the_alternative():

@@ -24,15 +24,24 @@ FUSED = [("irnn", {"input_init_std": 0.5})]
 SHAPES = [(19, 7, 3, 20), (2, 1, 2, 3), (5, 4, 6, 128)]
 
 
-def pair(name: str, overrides: dict, inputs: int, hidden: int, dtype=torch.float64):
+@pytest.fixture
+def ieee_float32():
+    """IEEE float32 products in torch and the kernels for one test (a run sets ``high``)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def pair(name: str, overrides: dict, inputs: int, hidden: int, dtype=torch.float64, spread=1.0):
     """The same cell twice: the PyTorch reference and the Triton path, equal weights."""
     cell_cls = Registry().get("cell", name)
     torch.manual_seed(0)
     config = cell_cls.Config(hidden_size=hidden, kernel="torch", **overrides)
     reference = cell_cls(inputs, config).to(DEVICE, dtype)
-    with torch.no_grad():  # off the identity init, so every weight matters
+    with torch.no_grad():  # off the identity init, so every weight matters (but no blow-up)
         for parameter in reference.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
+            parameter.add_(spread * torch.randn_like(parameter) / hidden**0.5)
     fused = cell_cls(inputs, dataclasses.replace(config, kernel="triton")).to(DEVICE, dtype)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
@@ -77,11 +86,11 @@ def test_fused_path_passes_a_float64_gradient_check(name, overrides):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="float32 kernels are checked natively, on CUDA")
 @pytest.mark.parametrize("name, overrides", FUSED)
-def test_fused_path_matches_the_reference_in_float32_on_cuda(name, overrides):
-    reference, fused = pair(name, overrides, inputs=100, hidden=100, dtype=torch.float32)
+def test_fused_path_matches_the_reference_in_float32_on_cuda(name, overrides, ieee_float32):
+    # a small spread: 200 steps of a perturbed identity must not overflow float32
+    reference, fused = pair(name, overrides, 100, 100, dtype=torch.float32, spread=0.05)
     x = torch.randn(64, 200, 100, device=DEVICE, requires_grad=True)
     h0 = torch.zeros(64, 100, device=DEVICE, requires_grad=True)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference in IEEE float32 too
     expected, expected_gradients = outputs_and_gradients(reference, x, h0)
     actual, actual_gradients = outputs_and_gradients(fused, x, h0)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
@@ -90,13 +99,13 @@ def test_fused_path_matches_the_reference_in_float32_on_cuda(name, overrides):
 
 
 @pytest.mark.parametrize("name, overrides", FUSED)
-def test_auto_uses_the_reference_on_the_cpu_and_bad_choices_are_named(name, overrides, monkeypatch):
+def test_auto_uses_the_reference_on_the_cpu_and_forcing_says_what_is_missing(
+    name, overrides, monkeypatch
+):
     cell_cls = Registry().get("cell", name)
     cell = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="auto"))
     outputs, _ = cell(torch.randn(2, 3, 3))
     assert "Fused" not in type(outputs.grad_fn).__name__  # auto: natively only, on CUDA
-    with pytest.raises(ValueError, match="model.kernel must be one of auto, triton, torch"):
-        cell_cls(3, cell_cls.Config(hidden_size=4, kernel="fast"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     forced = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
     with pytest.raises(RuntimeError, match="needs CUDA, or TRITON_INTERPRET=1"):

@@ -21,6 +21,7 @@ from torch import nn
 
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells import kernels
+from fwlab_plugins.cells.kernels import Kernel
 
 
 class IRNNState(NamedTuple):
@@ -31,7 +32,9 @@ class IRNNState(NamedTuple):
 class IRNNConfig(CellConfig):
     recurrent_init_scale: float = 1.0  # W_h = scale · I (Le et al.: 1; < 1 for long tasks)
     input_init_std: float = 0.001  # W_x ~ N(0, std²)
-    kernel: str = "auto"  # auto: the fused Triton loop on CUDA where it fits; triton; torch
+    kernel: Kernel = (
+        Kernel.auto
+    )  # auto (the Triton loop on CUDA where it pays off) | triton | torch
 
 
 class IRNNCell(Cell):
@@ -41,7 +44,6 @@ class IRNNCell(Cell):
 
     def __init__(self, input_size: int, config: IRNNConfig) -> None:
         super().__init__(input_size, config)
-        kernels.check_kernel_choice(config.kernel)
         hidden = config.hidden_size
         self.input_weights = nn.Linear(input_size, hidden)  # W_x, b
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W_h
@@ -76,14 +78,15 @@ class IRNNCell(Cell):
         return torch.stack(outputs, dim=1), IRNNState(h)
 
     def _fused(self, input_part: torch.Tensor) -> bool:
-        if self.config.kernel == "torch":  # no import of the kernel module at all
+        if Kernel(self.config.kernel) is Kernel.torch:  # no import of the kernel module at all
             return False
-        fits = kernels.triton_installed() and input_part.shape[1] > 0
-        if fits:
-            from fwlab_plugins.cells.kernels.irnn_triton import fits as kernel_fits
+        fits = pays_off = False
+        if kernels.triton_installed() and input_part.shape[1] > 0:
+            from fwlab_plugins.cells.kernels import irnn_triton
 
-            fits = kernel_fits(input_part, self.hidden_size)
-        return kernels.use_triton(self.config.kernel, input_part, fits)
+            fits = irnn_triton.fits(input_part, self.hidden_size)
+            pays_off = irnn_triton.pays_off(input_part)
+        return kernels.use_triton(self.config.kernel, input_part, fits, pays_off)
 
     def step(self, x_t: torch.Tensor, state: IRNNState) -> tuple[torch.Tensor, IRNNState]:
         h = torch.relu(self.input_weights(x_t) + self.recurrent_weights(state.h))

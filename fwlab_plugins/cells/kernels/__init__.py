@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from enum import Enum
 
 import torch
 
-KERNEL_CHOICES = ("auto", "triton", "torch")
+
+class Kernel(str, Enum):
+    """A cell's ``model.kernel``: which implementation runs its time loop."""
+
+    auto = "auto"  # the Triton kernel where it runs natively and pays off, else torch
+    triton = "triton"  # the Triton kernel (CUDA, or Triton's CPU interpreter), or an error
+    torch = "torch"  # the cell's plain PyTorch code, the reference
 
 
 def triton_installed() -> bool:
@@ -28,24 +35,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_kernel_choice(kernel: str, key: str = "model.kernel") -> None:
-    """Fail early, at construction, on a kernel choice that is not one of :data:`KERNEL_CHOICES`."""
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"{key} must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")
-
-
-def use_triton(kernel: str, tensor: torch.Tensor, fits: bool, key: str = "model.kernel") -> bool:
+def use_triton(
+    kernel: Kernel, tensor: torch.Tensor, fits: bool, pays_off: bool, key: str = "model.kernel"
+) -> bool:
     """Whether a cell should run its Triton kernel on ``tensor``.
 
-    ``kernel`` is the cell's config value: ``torch`` never, ``auto`` where it runs natively
-    (a CUDA tensor, Triton installed, a shape the kernel takes: ``fits``), ``triton`` always,
-    failing with the reason when it cannot.
+    ``kernel`` is the cell's config value: ``torch`` never; ``auto`` where it runs natively
+    (a CUDA tensor, Triton installed), takes the shape (``fits``) and is the faster choice by
+    the kernel's measurements (``pays_off``); ``triton`` always, failing with the reason when
+    it cannot.
     """
-    check_kernel_choice(kernel, key)
-    if kernel == "torch":
+    kernel = Kernel(kernel)
+    if kernel is Kernel.torch:
         return False
-    if kernel == "auto":
-        return tensor.is_cuda and fits and triton_installed()
+    if kernel is Kernel.auto:
+        return tensor.is_cuda and fits and pays_off and triton_installed()
     if not triton_installed():
         raise RuntimeError(f"{key}=triton needs the triton package (pip install triton)")
     if not fits:
