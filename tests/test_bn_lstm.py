@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
@@ -100,3 +101,61 @@ def test_training_beyond_max_time_steps_shares_the_last_slot():
     assert int(cell.input_norm.trained_steps) == 7
     cell.eval()
     assert cell.input_norm.statistics_index(6) == 2
+
+
+def run_both(x, mode, state_from=None, **overrides):
+    """Outputs, final state, gradients and running statistics of the fused recurrence and of
+    the stepwise reference, from the same weights and statistics."""
+    results = []
+    for recurrence in ("fused", "stepwise"):
+        cell = make(recurrence=recurrence, **overrides)
+        cell.train(mode == "train")
+        if mode == "eval":  # population statistics that differ per step
+            cell.train()
+            train(cell, [torch.randn(8, 5, 3, dtype=torch.float64) for _ in range(3)])
+            cell.eval()
+        inputs = x.clone().requires_grad_(True)
+        state = state_from(cell) if state_from else cell.initial_state(x.shape[0], dtype=x.dtype)
+        state = state._replace(h=state.h.requires_grad_(True), c=state.c.requires_grad_(True))
+        outputs, final = cell(inputs, state)
+        loss = (outputs * torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype)).pow(2).sum()
+        loss = loss + (final.c * final.c).sum()
+        gradients = torch.autograd.grad(loss, [inputs, state.h, state.c, *cell.parameters()])
+        buffers = [b.clone() for b in cell.buffers()]
+        results.append((outputs, final, gradients, buffers))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize(
+    "batch, steps, max_time_steps",
+    [(5, 4, 1024), (1, 3, 1024), (6, 7, 3)],  # plain; one sample; steps sharing the last slot
+)
+def test_fused_recurrence_matches_the_stepwise_reference(mode, batch, steps, max_time_steps):
+    x = torch.randn(batch, steps, 3, dtype=torch.float64)
+    fused, stepwise = run_both(x, mode, max_time_steps=max_time_steps)
+    torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
+    for got, want in zip(fused[1], stepwise[1]):  # h, c, time
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for got, want in zip(fused[2], stepwise[2]):  # x, h_0, c_0 and every parameter
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for got, want in zip(fused[3], stepwise[3]):  # running statistics and T_max
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_recurrence_continues_a_sequence_from_its_state():
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+
+    def later_state(cell):  # two steps in: statistics of steps 2.. are used next
+        state = cell.initial_state(4, dtype=torch.float64)
+        _, state = cell(
+            torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+            state,
+        )
+        return state._replace(h=state.h.detach(), c=state.c.detach())
+
+    for mode in ("train", "eval"):
+        fused, stepwise = run_both(x, mode, state_from=later_state)
+        torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
+        for got, want in zip(fused[2], stepwise[2]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -10,18 +10,29 @@ statistics per time step with γ, β shared across time (:mod:`.stepwise_batch_n
 at 0.1 (1.0 vanishes the gradient through time), β at 0. W_h starts as the identity in each
 gate's block, W_x orthogonal. The forget bias starts at ``forget_bias`` (fwlab's choice, as for
 ``lstm``; the paper does not state one).
+
+The whole-sequence forward runs the recurrence as one autograd node with a hand-written backward
+(:mod:`.bn_lstm_sequence`); ``model.recurrence=stepwise`` runs autograd through :meth:`step`'s
+code instead, the reference the tests hold it to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
+
+
+class Recurrence(str, Enum):
+    fused = "fused"  # one autograd node per sequence, hand-written backward
+    stepwise = "stepwise"  # autograd through every step: the reference
 
 
 class BNLSTMState(NamedTuple):
@@ -36,6 +47,7 @@ class BNLSTMConfig(CellConfig):
     max_time_steps: int = 1024  # per-step statistics kept; >= the longest training sequence
     momentum: float = 0.1  # running-average weight of each training batch's statistics
     forget_bias: float = 1.0  # initial b of the forget gate
+    recurrence: Recurrence = Recurrence.fused  # fused | stepwise (the autograd reference)
 
 
 class BNLSTMCell(Cell):
@@ -81,11 +93,27 @@ class BNLSTMCell(Cell):
             start = int(state.time[0]) if state.time.numel() else 0
         # BN(W_x x_t) + b for all t at once: the input term does not depend on the recurrence
         input_part = self.input_norm.forward_sequence(x @ self.input_weights.T, start) + self.bias
+        time = state.time + x.shape[1]
+        # batch statistics need two sequences: a single one takes the stepwise code
+        one_sample = self.training and x.shape[0] < 2
+        if Recurrence(self.config.recurrence) is Recurrence.fused and x.shape[1] and not one_sample:
+            outputs, c = BNLSTMSequence.apply(
+                input_part,
+                self.recurrent_weights,
+                self.recurrent_norm.weight,
+                self.cell_norm.weight,
+                self.cell_norm.bias,
+                state.h,
+                state.c,
+                self.recurrent_norm,
+                self.cell_norm,
+                start,
+            )
+            return outputs, BNLSTMState(outputs[:, -1], c, time)
         h, c, outputs = state.h, state.c, []
         for offset, input_t in enumerate(input_part.unbind(1)):  # unbind: O(T) backward
             h, c = self._recur(input_t, h, c, start + offset)
             outputs.append(h)
-        time = state.time + x.shape[1]
         return torch.stack(outputs, dim=1), BNLSTMState(h, c, time)
 
     def step(self, x_t: torch.Tensor, state: BNLSTMState) -> tuple[torch.Tensor, BNLSTMState]:

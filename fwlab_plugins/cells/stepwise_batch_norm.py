@@ -97,22 +97,26 @@ class StepwiseBatchNorm(nn.Module):
             # steps sharing the last slot update it one after another; a one-sample batch keeps
             # the statistics as they are: the step-by-step path says exactly what happens
             return torch.stack([self(x_t, start + i) for i, x_t in enumerate(x.unbind(1))], 1)
+        batch, _, features = x.shape
         if self.training:
             self.trained_steps.clamp_(min=start + steps)
-            mean = x.mean(dim=0)  # (T, F)
-            centred = x - mean
-            biased_var = centred.pow(2).mean(dim=0)
-            normalised = centred * torch.rsqrt(biased_var + self.eps)
-            with torch.no_grad():
-                unbiased = biased_var * (x.shape[0] / (x.shape[0] - 1))
-                slots = slice(start, start + steps)
-                self.running_mean[slots].lerp_(mean, self.momentum)
-                self.running_var[slots].lerp_(unbiased, self.momentum)
+            # steps start..start+T-1 are rows of the statistics: one row of T·F features
+            mean = self.running_mean[start : start + steps].view(-1)
+            var = self.running_var[start : start + steps].view(-1)
         else:
             times = torch.arange(start, start + steps, device=x.device)
             slots = torch.minimum(times, self.trained_steps.clamp(min=1) - 1)
             slots = slots.clamp(max=self.max_time_steps - 1)
-            mean, var = self.running_mean[slots], self.running_var[slots]  # (T, F)
-            normalised = (x - mean) * torch.rsqrt(var + self.eps)
-        normalised = normalised * self.weight
-        return normalised + self.bias if self.bias is not None else normalised
+            mean, var = self.running_mean[slots].view(-1), self.running_var[slots].view(-1)
+        # one batch_norm over (B, T·F): each (step, feature) pair has statistics of its own
+        normalised = F.batch_norm(
+            x.reshape(batch, steps * features),
+            mean,
+            var,
+            self.weight.repeat(steps),
+            self.bias.repeat(steps) if self.bias is not None else None,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        return normalised.view(batch, steps, features)
