@@ -7,6 +7,8 @@ import torch
 
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
 
+CUDA = torch.cuda.is_available()
+
 
 def make(hidden=4, inputs=3, **overrides) -> BNLSTMCell:
     torch.manual_seed(0)
@@ -105,20 +107,24 @@ def test_training_beyond_max_time_steps_shares_the_last_slot():
 
 def run_both(x, mode, state_from=None, **overrides):
     """Outputs, final state, gradients and running statistics of the fused recurrence and of
-    the stepwise reference, from the same weights and statistics."""
+    the stepwise reference, from the same weights and statistics (on ``x``'s device)."""
     results = []
     for recurrence in ("fused", "stepwise"):
-        cell = make(recurrence=recurrence, **overrides)
+        cell = make(recurrence=recurrence, **overrides).to(x.device)
         cell.train(mode == "train")
         if mode == "eval":  # population statistics that differ per step
             cell.train()
-            train(cell, [torch.randn(8, 5, 3, dtype=torch.float64) for _ in range(3)])
+            batches = [torch.randn(8, 5, 3, dtype=torch.float64) for _ in range(3)]
+            train(cell, [batch.to(x.device) for batch in batches])
             cell.eval()
         inputs = x.clone().requires_grad_(True)
-        state = state_from(cell) if state_from else cell.initial_state(x.shape[0], dtype=x.dtype)
+        state = (
+            state_from(cell) if state_from else cell.initial_state(x.shape[0], x.device, x.dtype)
+        )
         state = state._replace(h=state.h.requires_grad_(True), c=state.c.requires_grad_(True))
         outputs, final = cell(inputs, state)
-        loss = (outputs * torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype)).pow(2).sum()
+        weights = torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype, device=x.device)
+        loss = (outputs * weights).pow(2).sum()
         loss = loss + (final.c * final.c).sum()
         gradients = torch.autograd.grad(loss, [inputs, state.h, state.c, *cell.parameters()])
         buffers = [b.clone() for b in cell.buffers()]
@@ -131,8 +137,14 @@ def run_both(x, mode, state_from=None, **overrides):
     "batch, steps, max_time_steps",
     [(5, 4, 1024), (1, 3, 1024), (6, 7, 3)],  # plain; one sample; steps sharing the last slot
 )
-def test_fused_recurrence_matches_the_stepwise_reference(mode, batch, steps, max_time_steps):
-    x = torch.randn(batch, steps, 3, dtype=torch.float64)
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
+)
+def test_fused_recurrence_matches_the_stepwise_reference(
+    mode, batch, steps, max_time_steps, device
+):
+    x = torch.randn(batch, steps, 3, dtype=torch.float64).to(device)
     fused, stepwise = run_both(x, mode, max_time_steps=max_time_steps)
     torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
     for got, want in zip(fused[1], stepwise[1]):  # h, c, time

@@ -22,12 +22,13 @@ CELLS = REGISTRY.names("cell")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 
 
-def build(cell: str, graphs: bool, device: str):
+def build(cell: str, graphs: bool, device: str, **model_overrides):
     config = compose(REGISTRY, model=cell, data="retrieval",
                      overrides=["logger=none", f"model.cuda_graphs={graphs}"])  # fmt: skip
+    small = dataclasses.asdict(small_config(REGISTRY.get("cell", cell), hidden_size=16))
     config.merge_with(
         {
-            "model": dataclasses.asdict(small_config(REGISTRY.get("cell", cell), hidden_size=16)),
+            "model": {**small, **model_overrides},
             "data": {"train_size": 128, "val_size": 16, "test_size": 16, "batch_size": 16},
         }
     )
@@ -37,8 +38,8 @@ def build(cell: str, graphs: bool, device: str):
     return model.to(device), data
 
 
-def train_losses(cell: str, graphs: bool, device: str, steps: int = 6):
-    model, data = build(cell, graphs, device)
+def train_losses(cell: str, graphs: bool, device: str, steps: int = 6, **model_overrides):
+    model, data = build(cell, graphs, device, **model_overrides)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     batches = iter(data.train_dataloader())
@@ -59,6 +60,14 @@ def train_losses(cell: str, graphs: bool, device: str, steps: int = 6):
 def test_a_captured_training_step_gives_the_eager_loss_sequence(cell):
     eager, _ = train_losses(cell, graphs=False, device="cuda")
     graphed, model = train_losses(cell, graphs=True, device="cuda")
+    assert model.graphs.training_graph is not None, f"not captured: {model.graphs.reported}"
+    assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+@needs_cuda
+def test_the_fused_irnn_kernel_runs_inside_the_captured_step():
+    eager, _ = train_losses("irnn", graphs=False, device="cuda", kernel="torch")
+    graphed, model = train_losses("irnn", graphs=True, device="cuda", kernel="triton")
     assert model.graphs.training_graph is not None, f"not captured: {model.graphs.reported}"
     assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
 
