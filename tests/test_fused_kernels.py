@@ -86,16 +86,30 @@ def test_fused_path_passes_a_float64_gradient_check(name, overrides):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="float32 kernels are checked natively, on CUDA")
 @pytest.mark.parametrize("name, overrides", FUSED)
-def test_fused_path_matches_the_reference_in_float32_on_cuda(name, overrides, ieee_float32):
-    # a small spread: 200 steps of a perturbed identity must not overflow float32
+def test_fused_float32_is_as_accurate_as_the_pytorch_float32_loop(name, overrides, ieee_float32):
+    """Over 200 steps float32 results drift from exact ones (rounding amplified through the
+    recurrence, ReLUs flipping near 0), differently in any two summation orders; so each float32
+    path is measured against the float64 reference, and the kernel's error must stay within a
+    small multiple of the PyTorch loop's own."""
     reference, fused = pair(name, overrides, 100, 100, dtype=torch.float32, spread=0.05)
-    x = torch.randn(64, 200, 100, device=DEVICE, requires_grad=True)
-    h0 = torch.zeros(64, 100, device=DEVICE, requires_grad=True)
-    expected, expected_gradients = outputs_and_gradients(reference, x, h0)
-    actual, actual_gradients = outputs_and_gradients(fused, x, h0)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    for got, want in zip(actual_gradients, expected_gradients):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    exact = pair(name, overrides, 100, 100, dtype=torch.float64, spread=0.05)[0]
+    x = torch.randn(64, 200, 100, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(64, 100, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    exact_results = outputs_and_gradients(exact, x, h0)
+    x32, h32 = (t.detach().float().requires_grad_(True) for t in (x, h0))
+    results = {
+        path: outputs_and_gradients(cell, x32, h32)
+        for path, cell in (("torch", reference), ("fused", fused))
+    }
+
+    def error(path: str, index: int) -> float:
+        got, want = results[path], exact_results
+        tensors = [got[0]] if index < 0 else [got[1][index]]
+        wanted = [want[0]] if index < 0 else [want[1][index]]
+        return max((a.double() - b).abs().max().item() for a, b in zip(tensors, wanted))
+
+    for index in range(-1, len(exact_results[1])):  # the outputs, then every gradient
+        assert error("fused", index) <= 10 * error("torch", index) + 1e-5, index
 
 
 @pytest.mark.parametrize("name, overrides", FUSED)
