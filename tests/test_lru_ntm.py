@@ -163,3 +163,30 @@ def test_read_weights_sum_to_one_and_memory_starts_cleared():
         torch.testing.assert_close(
             state.read_weights.sum(-1), torch.ones(4, R, dtype=torch.float64)
         )
+
+
+def test_cosine_similarity_gradients_match_autograd_with_a_cleared_slot():
+    """The hand-written backward of the slot dot products and row norms against autograd's
+    (float64), with one all-zero slot, where the norm's subgradient is 0."""
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(2, 4, 5, dtype=torch.float64)
+    memory[1, 2] = 0.0
+    memory.requires_grad_(True)
+
+    def reference(k, m):
+        dot = torch.einsum("brw,bnw->brn", k, m)
+        norms = k.norm(dim=-1).unsqueeze(-1) * m.norm(dim=-1).unsqueeze(1)
+        return dot / (norms + addressing.COSINE_EPS)
+
+    weights = torch.randn(2, 3, 4, dtype=torch.float64)
+    expected = torch.autograd.grad((reference(keys, memory) * weights).sum(), [keys, memory])
+    actual = torch.autograd.grad(
+        (addressing.cosine_similarity(keys, memory) * weights).sum(), [keys, memory]
+    )
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert actual[1][1, 2].abs().sum() > 0  # the cleared slot still gets the dot's gradient
+    assert torch.autograd.gradcheck(
+        addressing.cosine_similarity, (keys, memory.detach().add(0.1).requires_grad_())
+    )

@@ -22,10 +22,55 @@ import torch
 COSINE_EPS = 1e-8  # keeps K finite against an all-zero (freshly cleared) slot
 
 
+class _RowNorm(torch.autograd.Function):
+    """‖M(i)‖ over the last axis, with a one-pass backward: ∂/∂M = M ⊙ (g / ‖M(i)‖), 0 where
+    ‖M(i)‖ = 0 (a cleared slot; the subgradient autograd's norm uses too). Autograd's own
+    backward makes three passes over the memory (divide, multiply, mask) for this."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, memory: torch.Tensor) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(memory, dim=-1)
+        ctx.save_for_backward(memory, norms)
+        return norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        memory, norms = ctx.saved_tensors
+        scale = torch.where(norms > 0, grad / norms, torch.zeros_like(grad))
+        return memory * scale.unsqueeze(-1)
+
+
+def row_norms(memory: torch.Tensor) -> torch.Tensor:
+    """‖M(i)‖ for every slot: (B, N, W) -> (B, N)."""
+    return _RowNorm.apply(memory)
+
+
+class _SlotDot(torch.autograd.Function):
+    """k·M(i) for every head and slot, (B, R, N); its memory gradient gᵀk comes out as a
+    contiguous (B, N, W), not autograd's transposed (B, W, N) view, whose strided layout makes
+    every later pass over the memory gradient several times slower."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, keys: torch.Tensor, memory: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(keys, memory)
+        return torch.bmm(keys, memory.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, memory = ctx.saved_tensors
+        return torch.bmm(grad, memory), torch.bmm(grad.transpose(1, 2), keys)
+
+
 def cosine_similarity(keys: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """K(k, M(i)) = k·M(i) / (‖k‖ ‖M(i)‖): keys (B, R, W), memory (B, N, W) -> (B, R, N)."""
-    dot = torch.einsum("brw,bnw->brn", keys, memory)
-    norms = keys.norm(dim=-1).unsqueeze(-1) * memory.norm(dim=-1).unsqueeze(1)
+    dot = _SlotDot.apply(keys, memory)
+    norms = keys.norm(dim=-1).unsqueeze(-1) * row_norms(memory).unsqueeze(1)
     return dot / (norms + COSINE_EPS)
 
 
@@ -36,7 +81,7 @@ def content_read_weights(keys: torch.Tensor, memory: torch.Tensor) -> torch.Tens
 
 def read(weights: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """r_t = Σ_i w^r_t(i) M_t(i): weights (B, R, N), memory (B, N, W) -> (B, R, W)."""
-    return torch.einsum("brn,bnw->brw", weights, memory)
+    return torch.bmm(weights, memory)
 
 
 def least_used_weights(usage: torch.Tensor, count: int) -> torch.Tensor:
@@ -70,7 +115,7 @@ def zero_least_used_slot(memory: torch.Tensor, previous_usage: torch.Tensor) -> 
 
 def write(memory: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """M_t(i) = M(i) + Σ_heads w^w_t(i) k_t: weights (B, R, N), keys (B, R, W)."""
-    return memory + torch.einsum("brn,brw->bnw", weights, keys)
+    return torch.baddbmm(memory, weights.transpose(1, 2), keys)
 
 
 def update_usage(

@@ -14,6 +14,11 @@ The output is [h_t, r_t] (controller state and the R read vectors). Memory, usag
 start at zero with every sequence (an episode); weights persist across episodes, which is the
 meta-learning. Keys pass through tanh (as in public implementations), bounding what is written.
 α_t comes from the controller (a learned linear map of h_t, one scalar per head).
+
+The controller is ``nn.LSTMCell``'s parameters with its equations written out: the input part of
+the gates, W_x x_t + b, is one product over all steps, and the per-step products (of [r_{t-1},
+h_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
+whose weight gradients are one product over all steps too.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fwlab.cell import Cell, CellConfig
+from fwlab.stepwise_linear import StepwiseLinear
 from fwlab_plugins.cells import lru_addressing as addressing
 
 
@@ -87,15 +94,53 @@ class LRUNTMCell(Cell):
             reads=zeros(heads, width),
         )
 
-    def step(self, x_t: torch.Tensor, state: LRUNTMState) -> tuple[torch.Tensor, LRUNTMState]:
-        config = self.config
-        batch = x_t.shape[0]
-        controller_input = torch.cat([x_t, state.reads.flatten(1)], dim=-1)
-        h, c = self.controller(controller_input, (state.h, state.c))
-        keys = torch.tanh(self.key_layer(h)).view(batch, config.read_heads, config.memory_width)
-        gate = self.gate_layer(h)  # α_t, (B, R)
+    def forward(
+        self, x: torch.Tensor, state: LRUNTMState | None = None
+    ) -> tuple[torch.Tensor, LRUNTMState]:
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        products = self._step_products()
+        outputs = []
+        for input_part in self._input_part(x).unbind(1):  # unbind, not slices: O(T) backward
+            output, state = self._advance(input_part, state, products)
+            outputs.append(output)
+        return torch.stack(outputs, dim=1), state
 
-        least_used = addressing.least_used_weights(state.usage, config.read_heads)  # w^lu_{t-1}
+    def step(self, x_t: torch.Tensor, state: LRUNTMState) -> tuple[torch.Tensor, LRUNTMState]:
+        return self._advance(self._input_part(x_t), state, self._step_products())
+
+    def _input_part(self, x: torch.Tensor) -> torch.Tensor:
+        """W_x x + b of the controller's gates, for any leading shape of ``x``."""
+        controller = self.controller
+        weight = controller.weight_ih[:, : self.input_size]
+        return F.linear(x, weight, controller.bias_ih + controller.bias_hh)
+
+    def _step_products(self) -> tuple[StepwiseLinear, StepwiseLinear]:
+        """The per-step linear maps of one pass: [r_{t-1}, h_{t-1}] -> gates, h_t -> (k, α)."""
+        controller = self.controller
+        recurrent = torch.cat([controller.weight_ih[:, self.input_size :], controller.weight_hh], 1)
+        heads = torch.cat([self.key_layer.weight, self.gate_layer.weight])
+        head_bias = torch.cat([self.key_layer.bias, self.gate_layer.bias])
+        return StepwiseLinear(recurrent), StepwiseLinear(heads, head_bias)
+
+    def _advance(
+        self,
+        input_part: torch.Tensor,
+        state: LRUNTMState,
+        products: tuple[StepwiseLinear, StepwiseLinear],
+    ) -> tuple[torch.Tensor, LRUNTMState]:
+        config = self.config
+        batch, heads, width = input_part.shape[0], config.read_heads, config.memory_width
+        recurrent, head_layer = products
+        # the controller: nn.LSTMCell on [x_t, r_{t-1}], gates in PyTorch's order (i, f, g, o)
+        gates = input_part + recurrent(torch.cat([state.reads.flatten(1), state.h], dim=-1))
+        input_gate, forget, candidate, output_gate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget) * state.c + torch.sigmoid(input_gate) * torch.tanh(candidate)
+        h = torch.sigmoid(output_gate) * torch.tanh(c)
+        key_part, gate = head_layer(h).split([heads * width, heads], dim=-1)
+        keys = torch.tanh(key_part).view(batch, heads, width)  # k_t, (B, R, W); α_t, (B, R)
+
+        least_used = addressing.least_used_weights(state.usage, heads)  # w^lu_{t-1}
         write_weights = addressing.write_weights(gate, state.read_weights, least_used)
         memory = addressing.zero_least_used_slot(state.memory, state.usage)
         memory = addressing.write(memory, write_weights, keys)  # M_t
