@@ -8,6 +8,11 @@ needs it at once), and defers the parameter gradients to the end of the backward
 
     ∂L/∂W = Σ_t g_tᵀ x_t = Gᵀ X,   ∂L/∂b = Σ_t g_t = 1ᵀ G,     X, G the T·B stacked rows
 
+It pays where the weight is large beside the batch: the LRU-NTM controller's (800 × 765) at
+batch 16 made the Omniglot-shape pass about 1.5x faster on a 2-core CPU. Each step adds a
+Python-level autograd node, so for a small recurrent matrix (fast weights' or the IRNN's
+200 × 200) it measured slower, and those cells keep plain autograd.
+
 How: the parameters enter the graph once, through a node (:class:`_Gather`) that every step's
 node feeds; autograd runs that node only after all of them, and by then each step has left its
 ``(x_t, g_t)`` pair behind. ::
