@@ -32,9 +32,8 @@ class IRNNState(NamedTuple):
 class IRNNConfig(CellConfig):
     recurrent_init_scale: float = 1.0  # W_h = scale · I (Le et al.: 1; < 1 for long tasks)
     input_init_std: float = 0.001  # W_x ~ N(0, std²)
-    kernel: Kernel = (
-        Kernel.auto
-    )  # auto (the Triton loop on CUDA where it pays off) | triton | torch
+    # auto (the Triton loop on CUDA where it pays off) | triton | torch (the plain loop)
+    kernel: Kernel = Kernel.auto
 
 
 class IRNNCell(Cell):

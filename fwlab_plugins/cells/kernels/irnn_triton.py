@@ -7,8 +7,9 @@
 Each program owns ``BLOCK_B`` sequences and keeps W_h (padded to ``BLOCK_H``², at most 128²) in
 registers for all T steps, so a step costs one on-chip matrix product and no launch. Float32
 products follow ``torch.get_float32_matmul_precision()``, as torch's own matrix products do:
-``highest`` (the default) IEEE float32, ``high`` three TF32 products (about float32's accuracy,
-on tensor cores), ``medium`` one TF32 product; float64 is always IEEE.
+``highest`` (torch's default) IEEE float32, ``high`` (the default of fwlab's runs) three TF32
+products (about float32's accuracy, on tensor cores), ``medium`` one TF32 product; float64 is
+always IEEE.
 """
 
 from __future__ import annotations

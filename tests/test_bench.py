@@ -1,0 +1,30 @@
+"""scripts/bench.py end to end at a tiny shape: the rows, the JSON, the ratio to torch.nn.LSTM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
+    output = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--cells", "irnn",
+               "--variants", "--shapes", "4x3x2x5", "--min-time", "0.01",
+               "--device", "cpu", "--json", str(output)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(output.read_text())
+    assert [(row["cell"], row["path"]) for row in rows] == [
+        ("torch.nn.LSTM", "eager"),
+        ("irnn", "eager"),
+    ]
+    for row in rows:
+        assert {"cell", "shape", "device", "path", "seq_per_s", "peak_mib", "ratio_vs_lstm"} <= set(
+            row
+        )
+        assert row["shape"] == "4x3x2x5" and row["device"] == "cpu" and row["seq_per_s"] > 0
+    assert rows[0]["ratio_vs_lstm"] == 1.0
+    assert "vs LSTM" in done.stdout and "irnn" in done.stdout
