@@ -1,6 +1,6 @@
 """The BN-LSTM's recurrence over a whole sequence as one autograd node with a hand-written backward.
 
-Autograd through the step-by-step code records some forty nodes per step; on a CPU their
+Autograd through the step-by-step code records some thirty nodes per step; on a CPU their
 bookkeeping, and the T small weight-gradient products, cost more than the arithmetic. Here the
 forward pass runs the loop without recording, and the backward pass runs it in reverse with the
 derivatives written out; the gradient of W_h, a sum over steps, is one matrix product at the end.
@@ -21,8 +21,10 @@ Backward, with δx = ∂L/∂x:
     δγ_h += Σ_b δa r̂,   δr = BN'(γ_h δa; r̂, ρ),   δh_carried = δr W_h,   δW_h = Σ_t δr_tᵀ h_{t-1}
 
 where, in training (batch statistics), BN'(d; x̂, ρ) = ρ (d − mean_b d − x̂ mean_b(d x̂)), and in
-evaluation (population statistics) BN'(d; x̂, ρ) = ρ d. Running statistics are updated exactly as
-:class:`.stepwise_batch_norm.StepwiseBatchNorm` updates them, step by step.
+evaluation (population statistics) BN'(d; x̂, ρ) = ρ d, both computed by ATen's batch-norm
+backward kernel (with δγ). Running statistics are updated exactly as
+:class:`.stepwise_batch_norm.StepwiseBatchNorm` updates them, step by step. Per-step buffers are
+time-major (T, B, ...), so each step reads and writes contiguous blocks.
 """
 
 from __future__ import annotations
@@ -32,16 +34,6 @@ import torch
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
 aten = torch.ops.aten
-
-
-def _population(
-    norm: StepwiseBatchNorm, start: int, steps: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-step population means and variances, (T, F) each, for evaluation (no read-back)."""
-    times = torch.arange(start, start + steps, device=device)
-    slots = torch.minimum(times, norm.trained_steps.clamp(min=1) - 1)
-    slots = slots.clamp(max=norm.max_time_steps - 1)
-    return norm.running_mean[slots], norm.running_var[slots]
 
 
 class _Norm:
@@ -61,7 +53,7 @@ class _Norm:
             self.means = [*means, *[means[-1]] * extra]
             self.variances = [*variances, *[variances[-1]] * extra]
         else:
-            mean, var = _population(norm, start, steps, device)
+            mean, var = norm.population_statistics(start, steps, device)
             self.means, self.variances = mean.unbind(0), var.unbind(0)
 
     def forward(

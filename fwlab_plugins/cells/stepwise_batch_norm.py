@@ -60,6 +60,16 @@ class StepwiseBatchNorm(nn.Module):
             return slot
         return (self.trained_steps.clamp(min=1) - 1).clamp(max=slot)
 
+    def population_statistics(
+        self, start: int, steps: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The population mean and variance that evaluation uses at steps start..start+T-1,
+        (T, F) each: step t's slot, or T_max's beyond T_max (no read-back of T_max)."""
+        times = torch.arange(start, start + steps, device=device)
+        slots = torch.minimum(times, self.trained_steps.clamp(min=1) - 1)
+        slots = slots.clamp(max=self.max_time_steps - 1)
+        return self.running_mean[slots], self.running_var[slots]
+
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Normalise ``x (B, F)``, the features at time step ``t``.
 
@@ -104,10 +114,7 @@ class StepwiseBatchNorm(nn.Module):
             mean = self.running_mean[start : start + steps].view(-1)
             var = self.running_var[start : start + steps].view(-1)
         else:
-            times = torch.arange(start, start + steps, device=x.device)
-            slots = torch.minimum(times, self.trained_steps.clamp(min=1) - 1)
-            slots = slots.clamp(max=self.max_time_steps - 1)
-            mean, var = self.running_mean[slots].view(-1), self.running_var[slots].view(-1)
+            mean, var = (s.view(-1) for s in self.population_statistics(start, steps, x.device))
         # one batch_norm over (B, T·F): each (step, feature) pair has statistics of its own
         normalised = F.batch_norm(
             x.reshape(batch, steps * features),
