@@ -124,3 +124,24 @@ def test_auto_uses_the_reference_on_the_cpu_and_forcing_says_what_is_missing(
     forced = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
     with pytest.raises(RuntimeError, match="needs CUDA, or TRITON_INTERPRET=1"):
         forced(torch.randn(2, 3, 3))
+
+
+def test_autos_choice_on_cuda_is_logged_once_with_its_reason(caplog):
+    from types import SimpleNamespace
+
+    from fwlab_plugins.cells import kernels
+
+    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0")  # only where it lives is read
+    kernels._reported.clear()
+    with caplog.at_level("INFO"):
+        assert not kernels.use_triton("auto", on_cuda, fits=True, pays_off=False, cell="irnn")
+        assert not kernels.use_triton("auto", on_cuda, fits=True, pays_off=False, cell="irnn")
+        assert not kernels.use_triton("auto", on_cuda, fits=False, pays_off=True, cell="irnn")
+        assert kernels.use_triton("auto", on_cuda, fits=True, pays_off=True, cell="irnn")
+    messages = [r.getMessage() for r in caplog.records if "fwlab: kernels" in r.getMessage()]
+    assert messages == [
+        "fwlab: kernels: irnn: plain PyTorch loop (slower here: float32 products in IEEE "
+        "precision (float32_matmul_precision=highest))",
+        "fwlab: kernels: irnn: plain PyTorch loop (the shape or dtype is beyond the kernel)",
+        "fwlab: kernels: irnn: Triton kernel",
+    ]

@@ -15,6 +15,7 @@ import os
 from enum import Enum
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class Kernel(str, Enum):
@@ -36,20 +37,32 @@ def interpreting() -> bool:
 
 
 def use_triton(
-    kernel: Kernel, tensor: torch.Tensor, fits: bool, pays_off: bool, key: str = "model.kernel"
+    kernel: Kernel,
+    tensor: torch.Tensor,
+    fits: bool,
+    pays_off: bool,
+    cell: str,
+    key: str = "model.kernel",
 ) -> bool:
     """Whether a cell should run its Triton kernel on ``tensor``.
 
     ``kernel`` is the cell's config value: ``torch`` never; ``auto`` where it runs natively
     (a CUDA tensor, Triton installed), takes the shape (``fits``) and is the faster choice by
     the kernel's measurements (``pays_off``); ``triton`` always, failing with the reason when
-    it cannot.
+    it cannot. On CUDA, ``auto``'s choice for ``cell`` is logged once, with the reason when it
+    is the plain loop.
     """
     kernel = Kernel(kernel)
     if kernel is Kernel.torch:
         return False
     if kernel is Kernel.auto:
-        return tensor.is_cuda and fits and pays_off and triton_installed()
+        if not tensor.is_cuda:  # the CPU always takes the plain loop: nothing to report
+            return False
+        reason = _auto_fallback_reason(fits, pays_off)
+        _report_once(
+            f"{cell}: " + (f"plain PyTorch loop ({reason})" if reason else "Triton kernel")
+        )
+        return reason is None
     if not triton_installed():
         raise RuntimeError(f"{key}=triton needs the triton package (pip install triton)")
     if not fits:
@@ -60,3 +73,22 @@ def use_triton(
             "kernel in Triton's CPU interpreter (slow: for tests)"
         )
     return True
+
+
+_reported: set[str] = set()
+
+
+def _auto_fallback_reason(fits: bool, pays_off: bool) -> str | None:
+    if not triton_installed():
+        return "the triton package is not installed"
+    if not fits:
+        return "the shape or dtype is beyond the kernel"
+    if not pays_off:
+        return "slower here: float32 products in IEEE precision (float32_matmul_precision=highest)"
+    return None
+
+
+def _report_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        rank_zero_info(f"fwlab: kernels: {message}")
