@@ -56,8 +56,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
-    import dataclasses
-
     import torch
 
     if case == REFERENCE:
@@ -71,7 +69,7 @@ def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
 
     pairs = (a.split("=", 1) for a in assignments.split(",") if a)
     overrides = {key: yaml.safe_load(value) for key, value in pairs}  # "28" -> 28
-    if "kernel" in {field.name for field in dataclasses.fields(cell_cls.Config)}:
+    if _has_kernel_option(cell_cls):
         overrides.setdefault("kernel", "triton" if path == "fused" else "torch")
     elif path == "fused":
         raise SystemExit(f"{name} has no fused kernel")
@@ -82,18 +80,9 @@ def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
 
 def saved_for_backward_mib(run, x) -> float:
     """MiB of the distinct storages autograd saves for the backward pass of ``run(x)``."""
-    import torch
+    from fwlab.saved_memory import saved_for_backward_bytes
 
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run(x).sum().backward()
-    return sum(storages.values()) / 2**20
+    return saved_for_backward_bytes(lambda: run(x).sum().backward()) / 2**20
 
 
 def measure(
@@ -236,7 +225,7 @@ def main() -> None:
     registry = Registry()
     cells = args.cells or registry.names("cell")
     cases = [REFERENCE, *cells, *[v for v in args.variants if v.split(":")[0] in cells]]
-    fused_cells = {name for name in cells if _has_kernel_option(registry, name)}
+    fused_cells = {name for name in cells if _has_kernel_option(registry.get("cell", name))}
     device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
@@ -285,11 +274,11 @@ def _print_table(results: list[dict]) -> None:
         )
 
 
-def _has_kernel_option(registry, name: str) -> bool:
+def _has_kernel_option(cell_cls) -> bool:
+    """Whether a cell's config has ``kernel`` (a fused path besides its PyTorch code)."""
     import dataclasses
 
-    config_cls = registry.get("cell", name).Config
-    return "kernel" in {field.name for field in dataclasses.fields(config_cls)}
+    return "kernel" in {field.name for field in dataclasses.fields(cell_cls.Config)}
 
 
 def _cuda_available() -> bool:

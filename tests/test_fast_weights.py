@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fwlab.saved_memory import saved_for_backward_bytes
 from fwlab_plugins.cells.fast_weights import (
     FastWeightsCell,
     FastWeightsConfig,
@@ -172,20 +173,6 @@ def test_recurrent_weights_start_at_the_scaled_identity():
     torch.testing.assert_close(cell.recurrent_weights.weight, 0.05 * torch.eye(4))
 
 
-def saved_bytes(function) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward pass of ``function()``."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        function()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("form", ["matrix", "memory"])
 def test_checkpointed_chunks_give_the_same_outputs_and_gradients_and_keep_less(form):
     """Recomputing each chunk of 4 steps in the backward pass: float64 outputs, input and
@@ -203,6 +190,8 @@ def test_checkpointed_chunks_give_the_same_outputs_and_gradients_and_keep_less(f
     for plain, chunked in zip(results[0][2], results[1][2]):
         torch.testing.assert_close(plain, chunked)
     x_long = torch.randn(4, 64, 3, dtype=torch.float64)
-    plain_bytes = saved_bytes(lambda: make_cell(form=form)(x_long))
-    chunked_bytes = saved_bytes(lambda: make_cell(form=form, checkpoint_every=8)(x_long))
+    plain_bytes = saved_for_backward_bytes(lambda: make_cell(form=form)(x_long))
+    chunked_bytes = saved_for_backward_bytes(
+        lambda: make_cell(form=form, checkpoint_every=8)(x_long)
+    )
     assert chunked_bytes < plain_bytes / 2

@@ -95,21 +95,20 @@ def test_fused_float32_is_as_accurate_as_the_pytorch_float32_loop(name, override
     exact = pair(name, overrides, 100, 100, dtype=torch.float64, spread=0.05)[0]
     x = torch.randn(64, 200, 100, device=DEVICE, dtype=torch.float64, requires_grad=True)
     h0 = torch.zeros(64, 100, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    exact_results = outputs_and_gradients(exact, x, h0)
     x32, h32 = (t.detach().float().requires_grad_(True) for t in (x, h0))
-    results = {
-        path: outputs_and_gradients(cell, x32, h32)
+
+    def flat(cell, *inputs):  # the outputs, then every gradient
+        outputs, gradients = outputs_and_gradients(cell, *inputs)
+        return [outputs, *gradients]
+
+    exact_values = flat(exact, x, h0)
+    errors = {
+        path: [(got.double() - want).abs().max().item()
+               for got, want in zip(flat(cell, x32, h32), exact_values)]
         for path, cell in (("torch", reference), ("fused", fused))
-    }
-
-    def error(path: str, index: int) -> float:
-        got, want = results[path], exact_results
-        tensors = [got[0]] if index < 0 else [got[1][index]]
-        wanted = [want[0]] if index < 0 else [want[1][index]]
-        return max((a.double() - b).abs().max().item() for a, b in zip(tensors, wanted))
-
-    for index in range(-1, len(exact_results[1])):  # the outputs, then every gradient
-        assert error("fused", index) <= 10 * error("torch", index) + 1e-5, index
+    }  # fmt: skip
+    for index, (fused_error, torch_error) in enumerate(zip(errors["fused"], errors["torch"])):
+        assert fused_error <= 10 * torch_error + 1e-5, index
 
 
 @pytest.mark.parametrize("name, overrides", FUSED)

@@ -77,15 +77,18 @@ class IRNNCell(Cell):
         return torch.stack(outputs, dim=1), IRNNState(h)
 
     def _fused(self, input_part: torch.Tensor) -> bool:
-        if Kernel(self.config.kernel) is Kernel.torch or input_part.shape[1] == 0:
-            return False  # (no import of the kernel module at all)
+        kernel = Kernel(self.config.kernel)
+        if kernel is Kernel.torch or input_part.shape[1] == 0:
+            return False
+        if kernel is Kernel.auto and not input_part.is_cuda:
+            return False  # auto never runs the kernel off CUDA: no import of triton at all
         fits = pays_off = False
         if kernels.triton_installed():
             from fwlab_plugins.cells.kernels import irnn_triton
 
             fits = irnn_triton.fits(input_part, self.hidden_size)
             pays_off = irnn_triton.pays_off(input_part)
-        return kernels.use_triton(self.config.kernel, input_part, fits, pays_off, cell="irnn")
+        return kernels.use_triton(kernel, input_part, fits, pays_off, cell="irnn")
 
     def step(self, x_t: torch.Tensor, state: IRNNState) -> tuple[torch.Tensor, IRNNState]:
         h = torch.relu(self.input_weights(x_t) + self.recurrent_weights(state.h))

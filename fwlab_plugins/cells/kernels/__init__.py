@@ -10,6 +10,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from enum import Enum
@@ -26,6 +27,7 @@ class Kernel(str, Enum):
     torch = "torch"  # the cell's plain PyTorch code, the reference
 
 
+@functools.cache  # asked at every forward pass; a search of sys.path each time is wasted
 def triton_installed() -> bool:
     """Whether the ``triton`` package can be imported (it ships with torch's CUDA wheels)."""
     return importlib.util.find_spec("triton") is not None
