@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
+from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
 CUDA = torch.cuda.is_available()
 
@@ -171,3 +172,36 @@ def test_fused_recurrence_continues_a_sequence_from_its_state():
         torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
         for got, want in zip(fused[2], stepwise[2]):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("learn_beta", [False, True])
+@pytest.mark.parametrize("steps, max_time_steps", [(5, 8), (5, 3)])  # 3: steps share a slot
+def test_sequence_batch_norm_with_a_shift_is_stepwise_norm_plus_the_shift(
+    learn_beta, steps, max_time_steps
+):
+    """forward_sequence(x, start, shift) = [BN_t(x_t) + shift]_t, in outputs, statistics and
+    gradients, both on its vectorised path and where steps share the last slot."""
+    results = []
+    x = torch.randn(6, steps, 4, dtype=torch.float64)
+    for whole in (True, False):
+        torch.manual_seed(0)
+        norm = StepwiseBatchNorm(4, max_time_steps, learn_beta=learn_beta).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            if learn_beta:
+                norm.bias.uniform_(-1.0, 1.0)
+        shift = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        inputs = x.clone().requires_grad_(True)
+        if whole:
+            out = norm.forward_sequence(inputs, 1, shift)
+        else:
+            out = torch.stack(
+                [norm(x_t, 1 + t) + shift for t, x_t in enumerate(inputs.unbind(1))], 1
+            )
+        loss = (out * torch.linspace(-1, 2, 4, dtype=torch.float64)).pow(2).sum()
+        grads = torch.autograd.grad(loss, [inputs, shift, *norm.parameters()])
+        results.append((out, grads, [b.clone() for b in norm.buffers()]))
+    (out, grads, buffers), (ref_out, ref_grads, ref_buffers) = results
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip([*grads, *buffers], [*ref_grads, *ref_buffers], strict=True):
+        torch.testing.assert_close(got, want)

@@ -92,7 +92,7 @@ class BNLSTMCell(Cell):
         else:
             start = int(state.time[0]) if state.time.numel() else 0
         # BN(W_x x_t) + b for all t at once: the input term does not depend on the recurrence
-        input_part = self.input_norm.forward_sequence(x @ self.input_weights.T, start) + self.bias
+        input_part = self.input_norm.forward_sequence(x @ self.input_weights.T, start, self.bias)
         time = state.time + x.shape[1]
         # batch statistics need two sequences: a single one takes the stepwise code
         one_sample = self.training and x.shape[0] < 2

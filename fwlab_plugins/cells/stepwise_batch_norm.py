@@ -95,8 +95,12 @@ class StepwiseBatchNorm(nn.Module):
             eps=self.eps,
         )
 
-    def forward_sequence(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Normalise ``x (B, T, F)``, steps ``start .. start+T-1``, all at once.
+    def forward_sequence(
+        self, x: torch.Tensor, start: int = 0, shift: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Normalise ``x (B, T, F)``, steps ``start .. start+T-1``, all at once; ``BN(x) + shift``
+        if a ``shift (F,)`` is given (a bias that follows the norm, added in its affine step
+        rather than by a pass of its own).
 
         The same as calling :meth:`forward` on every step in order, when the steps are
         independent of each other (an input-side term, computed for every t before the loop);
@@ -106,7 +110,9 @@ class StepwiseBatchNorm(nn.Module):
         if self.training and (start + steps > self.max_time_steps or x.shape[0] == 1):
             # steps sharing the last slot update it one after another; a one-sample batch keeps
             # the statistics as they are: the step-by-step path says exactly what happens
-            return torch.stack([self(x_t, start + i) for i, x_t in enumerate(x.unbind(1))], 1)
+            steps_normalised = [self(x_t, start + i) for i, x_t in enumerate(x.unbind(1))]
+            normalised = torch.stack(steps_normalised, 1)
+            return normalised + shift if shift is not None else normalised
         batch, _, features = x.shape
         if self.training:
             self.trained_steps.clamp_(min=start + steps)
@@ -115,13 +121,14 @@ class StepwiseBatchNorm(nn.Module):
             var = self.running_var[start : start + steps].view(-1)
         else:
             mean, var = (s.view(-1) for s in self.population_statistics(start, steps, x.device))
+        bias = self.bias if shift is None else shift if self.bias is None else self.bias + shift
         # one batch_norm over (B, T·F): each (step, feature) pair has statistics of its own
         normalised = F.batch_norm(
             x.reshape(batch, steps * features),
             mean,
             var,
             self.weight.repeat(steps),
-            self.bias.repeat(steps) if self.bias is not None else None,
+            bias.repeat(steps) if bias is not None else None,
             training=self.training,
             momentum=self.momentum,
             eps=self.eps,
