@@ -12,6 +12,9 @@ from fwlab_plugins.cells.fast_weights import (
     FastWeightsMatrixState,
     FastWeightsMemoryState,
 )
+from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
+
+CUDA = torch.cuda.is_available()
 
 
 def make_cell(input_size=3, hidden_size=5, **overrides) -> FastWeightsCell:
@@ -173,14 +176,18 @@ def test_recurrent_weights_start_at_the_scaled_identity():
     torch.testing.assert_close(cell.recurrent_weights.weight, 0.05 * torch.eye(4))
 
 
-@pytest.mark.parametrize("form", ["matrix", "memory"])
-def test_checkpointed_chunks_give_the_same_outputs_and_gradients_and_keep_less(form):
+# (form, recurrence): the memory form has a fused node and its stepwise autograd reference
+FORMS = [("matrix", "fused"), ("memory", "stepwise"), ("memory", "fused")]
+
+
+@pytest.mark.parametrize("form, recurrence", FORMS)
+def test_checkpointed_chunks_give_the_same_outputs_and_gradients(form, recurrence):
     """Recomputing each chunk of 4 steps in the backward pass: float64 outputs, input and
-    parameter gradients equal to the plain unroll's; the storage kept for backward shrinks."""
+    parameter gradients equal to the plain unroll's."""
     x = torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True)  # 13: a ragged last chunk
     results = []
     for every in (0, 4):
-        cell = make_cell(form=form, checkpoint_every=every)
+        cell = make_cell(form=form, recurrence=recurrence, checkpoint_every=every)
         outputs, state = cell(x)
         weights = torch.randn_like(outputs, generator=torch.Generator().manual_seed(0))
         gradients = torch.autograd.grad((outputs * weights).sum(), [x, *cell.parameters()])
@@ -189,9 +196,82 @@ def test_checkpointed_chunks_give_the_same_outputs_and_gradients_and_keep_less(f
     torch.testing.assert_close(results[0][1], results[1][1])
     for plain, chunked in zip(results[0][2], results[1][2]):
         torch.testing.assert_close(plain, chunked)
-    x_long = torch.randn(4, 64, 3, dtype=torch.float64)
-    plain_bytes = saved_for_backward_bytes(lambda: make_cell(form=form)(x_long))
+
+
+@pytest.mark.parametrize("form, recurrence", FORMS[:2])
+def test_checkpointed_chunks_keep_less_for_backward(form, recurrence):
+    x = torch.randn(4, 64, 3, dtype=torch.float64)
+    plain_bytes = saved_for_backward_bytes(lambda: make_cell(form=form, recurrence=recurrence)(x))
     chunked_bytes = saved_for_backward_bytes(
-        lambda: make_cell(form=form, checkpoint_every=8)(x_long)
+        lambda: make_cell(form=form, recurrence=recurrence, checkpoint_every=8)(x)
     )
     assert chunked_bytes < plain_bytes / 2
+
+
+def test_fused_memory_form_keeps_storage_linear_in_the_length():
+    """The fused memory form keeps the states and per-step activations, O(T·H), where autograd
+    through the steps keeps every step's copy of the growing memory, O(T²·H)."""
+
+    def kept(steps: int, recurrence: str) -> int:
+        x = torch.randn(4, steps, 3, dtype=torch.float64)
+        cell = make_cell(hidden_size=8, form="memory", recurrence=recurrence)
+        return saved_for_backward_bytes(lambda: cell(x))
+
+    assert kept(64, "fused") < 2.1 * kept(32, "fused")  # linear (plus the fixed weights)
+    assert kept(64, "stepwise") > 3 * kept(32, "stepwise")  # quadratic
+    assert kept(64, "fused") < kept(64, "stepwise") / 5
+
+
+def run_memory_form(recurrence: str, x: torch.Tensor, continued: bool, **overrides):
+    """Outputs, final state and the gradients of x, h_0, the memory and every parameter, for a
+    sequence started fresh or continued from the state an earlier sequence left."""
+    cell = make_cell(form="memory", recurrence=recurrence, **overrides).to(x.device)
+    state = cell.initial_state(x.shape[0], x.device, x.dtype, seq_len=x.shape[1])
+    if continued:
+        torch.manual_seed(1)
+        earlier = torch.randn(x.shape[0], 3, x.shape[2], dtype=x.dtype, device=x.device)
+        _, state = cell(earlier, state)
+    h0 = state.h.detach().requires_grad_(True)
+    memory0 = state.memory.detach().requires_grad_(True)
+    inputs = x.clone().requires_grad_(True)
+    outputs, final = cell(inputs, type(state)(h0, memory0))
+    weights = torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype, device=x.device)
+    loss = (outputs * weights).pow(2).sum() + final.memory.pow(3).sum() + final.h.sum()
+    gradients = torch.autograd.grad(loss, [inputs, h0, memory0, *cell.parameters()])
+    return outputs, final, gradients
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=str)
+@pytest.mark.parametrize("continued", [False, True], ids=["fresh", "continued"])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
+)
+def test_fused_memory_form_matches_the_stepwise_reference(overrides, continued, device):
+    """Float64: outputs, the final state (h and the memory) and every gradient, including those
+    of the starting state, equal autograd through the step-by-step memory form."""
+    x = torch.randn(3, 6, 3, dtype=torch.float64).to(device)
+    fused = run_memory_form("fused", x, continued, **overrides)
+    stepwise = run_memory_form("stepwise", x, continued, **overrides)
+    torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
+    for got, want in zip(fused[1], stepwise[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for got, want in zip(fused[2], stepwise[2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_memory_form_gradient_check_through_the_starting_state():
+    """gradcheck of the node itself: input part, W, γ, β, h_0 and a non-empty memory."""
+    torch.manual_seed(0)
+    hidden = 3
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    inputs = (tensor(2, 3, hidden), tensor(hidden, hidden), tensor(hidden), tensor(hidden),
+              tensor(2, hidden), tensor(2, 2, hidden))  # fmt: skip
+
+    def node(*tensors: torch.Tensor) -> torch.Tensor:
+        return FastWeightsMemorySequence.apply(*tensors, 0.9, 0.5, 2, True, 1e-5)
+
+    assert torch.autograd.gradcheck(node, inputs, eps=1e-6, atol=1e-6)

@@ -19,7 +19,6 @@ code instead, the reference the tests hold it to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -27,12 +26,8 @@ from torch import nn
 
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
+from fwlab_plugins.cells.recurrence import Recurrence
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
-
-
-class Recurrence(str, Enum):
-    fused = "fused"  # one autograd node per sequence, hand-written backward
-    stepwise = "stepwise"  # autograd through every step: the reference
 
 
 class BNLSTMState(NamedTuple):

@@ -23,6 +23,11 @@ Two forms compute the same function:
 ``form="auto"`` picks the cheaper for the sequence: per step the matrix form costs about
 (S+1)·H² (one rank-1 update, S products) and the memory form about S·T·H (S attentions over on
 average T/2 states, two products each), so memory is chosen when T < (S+1)/S · H.
+
+The memory form of a whole sequence runs as one autograd node with a hand-written backward
+(:mod:`.fast_weights_sequence`); ``model.recurrence=stepwise`` runs autograd through the
+step-by-step code instead, the reference the tests hold it to. The matrix form is always
+step-by-step.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
+from fwlab_plugins.cells.recurrence import Recurrence
 
 
 class FastWeightsForm(str, Enum):
@@ -68,7 +75,10 @@ class FastWeightsConfig(CellConfig):
     # Training memory: keep the state only every this many steps and recompute each chunk in the
     # backward pass (activation checkpointing); 0 keeps every step. About √T suits long inputs:
     # 28 for pixel-by-pixel MNIST stores 28 fast-weight matrices per sequence instead of 784.
+    # (The fused memory form already keeps O(T·H); chunking it saves nothing.)
     checkpoint_every: int = 0
+    # memory form: fused (one autograd node per sequence) | stepwise (autograd, the reference)
+    recurrence: Recurrence = Recurrence.fused
 
 
 class FastWeightsCell(Cell):
@@ -88,6 +98,7 @@ class FastWeightsCell(Cell):
         if config.checkpoint_every < 0:
             raise ValueError(f"model.checkpoint_every must be >= 0, got {config.checkpoint_every}")
         self.checkpoint_every = config.checkpoint_every
+        self.recurrence = Recurrence(config.recurrence)
         self._decay_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self.input_weights = nn.Linear(input_size, hidden)  # C (and the bias)
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W
@@ -143,11 +154,39 @@ class FastWeightsCell(Cell):
         """The steps of ``input_part`` (B, T', H) from a state given as its tensors (so that
         activation checkpointing sees them): (outputs (B, T', H), *final state tensors)."""
         state = state_type(*state_tensors)
+        if (
+            state_type is FastWeightsMemoryState
+            and self.recurrence is Recurrence.fused
+            and input_part.shape[1]
+        ):
+            return self._run_fused(input_part, state)
         outputs = []
         for input_t in input_part.unbind(1):  # unbind, not slices: an O(T) backward
             state = self._advance(input_t, state)
             outputs.append(state.h)
         return (torch.stack(outputs, dim=1), *state)
+
+    def _run_fused(
+        self, input_part: torch.Tensor, state: FastWeightsMemoryState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_run` of the memory form as one node: the outputs and the final state are
+        views of its buffer [memory, h(0), …, h(T)]."""
+        norm = self.layer_norm if isinstance(self.layer_norm, nn.LayerNorm) else None
+        states = FastWeightsMemorySequence.apply(
+            input_part,
+            self.recurrent_weights.weight,
+            norm.weight if norm is not None else None,
+            norm.bias if norm is not None else None,
+            state.h,
+            state.memory,
+            self.decay,
+            self.fast_learning_rate,
+            self.inner_steps,
+            norm is not None,
+            norm.eps if norm is not None else 0.0,
+        )
+        start, last = state.memory.shape[1], state.memory.shape[1] + input_part.shape[1]
+        return states[:, start + 1 :], states[:, last], states[:, :last]
 
     def step(
         self, x_t: torch.Tensor, state: FastWeightsState
