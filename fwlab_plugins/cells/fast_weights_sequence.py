@@ -1,7 +1,7 @@
 """Fast weights' memory form over a whole sequence as one autograd node with a hand-written
 backward.
 
-Autograd through the step-by-step memory form records about fifteen nodes per step and copies
+Autograd through the step-by-step memory form records about a dozen nodes per step and copies
 the growing memory [h(0) … h(t)] at every step (O(T²) traffic). Here all states live in one
 buffer, ``states = [memory_0, h(0), h(1), …, h(T)]`` (B, n_0+T+1, H), written as they are made;
 the step at t attends over its prefix, entries e_0 … e_{n_t−1} (n_t = n_0+t+1, h(t) the last).
@@ -17,9 +17,9 @@ Forward, per step t (w_i = η λ^{n_t−1−i}, the decayed learning rate of ent
 Backward, with δx = ∂L/∂x, from δh(t+1) (complete once the later steps are done):
 
     δq_S = δh(t+1);  for s = S−1 … 0:
-        δz = LN'(δq_{s+1} ⊙ [q_{s+1} > 0]),   δγ += …, δβ += …,   δp += δz
+        δy = δq_{s+1} ⊙ [q_{s+1} > 0],   δz = LN'(δy),   δp += δz
         d_i = e_iᵀ δz,   δq_s = Σ_i w_i d_i e_i                 (A(t) is symmetric)
-        δe_i += w_i (c_s,i δz + d_i q_s)                       one batched rank-2 update
+        δe_i += w_i (c_s,i δz + d_i q_s)                       two in-place rank-1 updates
     δp += δq_0 ⊙ [q_0 > 0];   δu_t = δp;   δh(t) += δp W;   δW = Σ_t δp_tᵀ h(t)  (one product)
 
 LN' is ATen's layer-norm backward kernel; δγ = Σ δy ⊙ ẑ and δβ = Σ δy (ẑ the normalised z) are
