@@ -26,6 +26,12 @@ loss), after warm-up, timed over at least ``--min-time`` seconds; with ``--round
 case is measured N times, the rounds interleaved, and keeps its best. ``ratio_vs_lstm`` divides a
 row's throughput by the better of ``torch.nn.LSTM``'s eager and graph paths on the same device
 in the same run (above 1: faster than the LSTM). ``--json PATH`` writes the list of rows.
+
+``--paired`` also measures each case against ``torch.nn.LSTM`` (eager) in the same process, in
+alternating slices of about 0.1 s (LSTM, case, LSTM): ``ratio_vs_lstm_paired`` is the median
+over slices of the LSTM's time over the case's, with its quartiles. On a machine whose speed
+drifts between minutes (shared CPUs), where cases measured a minute apart are not comparable,
+this ratio holds still; the throughput columns do not.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -86,7 +93,13 @@ def saved_for_backward_mib(run, x) -> float:
 
 
 def measure(
-    case: str, shape: str, device: str, path: str, min_time: float, precision: str = "high"
+    case: str,
+    shape: str,
+    device: str,
+    path: str,
+    min_time: float,
+    precision: str = "high",
+    paired: bool = False,
 ) -> dict:
     """One case on one path in this process (the child side)."""
     import torch
@@ -124,15 +137,45 @@ def measure(
         synchronize()
     else:
         memory_mib = saved_for_backward_mib(run, x)
-    iterations, started = 0, time.perf_counter()
-    while True:
-        once()
-        iterations += 1
+
+    def timed(function, iterations: int) -> float:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            function()
         synchronize()
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_time and iterations >= 2:
-            break
+        return time.perf_counter() - started
+
+    extra = {}
+    if paired:
+        reference_run, reference_module = build(REFERENCE, inputs, hidden)
+        reference_module.to(device)
+
+        def reference() -> None:
+            reference_module.zero_grad(set_to_none=True)
+            reference_run(x).sum().backward()
+
+        timed(reference, 2)  # warm-up
+        per_slice = max(1, round(0.1 / max(timed(once, 1), 1e-6)))
+        ratios, iterations, elapsed = [], 0, 0.0
+        while elapsed < min_time or len(ratios) < 3:
+            before = timed(reference, per_slice)
+            own = timed(once, per_slice)
+            after = timed(reference, per_slice)
+            ratios.append((before + after) / 2 / own)
+            iterations, elapsed = iterations + per_slice, elapsed + own
+        quartiles = statistics.quantiles(ratios, n=4)
+        extra = {
+            "ratio_vs_lstm_paired": quartiles[1],
+            "ratio_vs_lstm_paired_quartiles": [quartiles[0], quartiles[2]],
+            "paired_slices": len(ratios),
+        }
+    else:
+        iterations, elapsed = 0, 0.0
+        while elapsed < min_time or iterations < 2:
+            elapsed += timed(once, 1)
+            iterations += 1
     return {
+        **extra,
         "cell": case,
         "shape": shape,
         "device": device,
@@ -168,10 +211,12 @@ def capture_forward_backward(run, module, x):
 
 
 def run_case(
-    case: str, shape: str, device: str, path: str, min_time: float, precision: str
+    case: str, shape: str, device: str, path: str, min_time: float, precision: str, paired: bool
 ) -> dict:
     command = [sys.executable, __file__, "--child", case, shape, path, "--device", device,
                "--min-time", str(min_time), "--matmul-precision", precision]  # fmt: skip
+    if paired:
+        command.append("--paired")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"cell": case, "shape": shape, "device": device, "path": path,
@@ -208,13 +253,21 @@ def main() -> None:
         "--paths", nargs="*", help="eager, graph, fused (default: eager; all three on CUDA)"
     )
     parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time each case against torch.nn.LSTM in alternating slices in its process "
+        "(ratio_vs_lstm_paired: robust to a machine's drift)",
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("CASE", "SHAPE", "PATH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
 
     if args.child:
         case, shape, path = args.child
-        row = measure(case, shape, args.device, path, args.min_time, args.matmul_precision)
+        row = measure(
+            case, shape, args.device, path, args.min_time, args.matmul_precision, args.paired
+        )
         print(json.dumps(row))
         return
 
@@ -234,7 +287,8 @@ def main() -> None:
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.rounds):  # interleaved rounds: a machine's slow spell hits all cases
             for case, path in runs:
-                row = run_case(case, shape, args.device, path, args.min_time, args.matmul_precision)
+                row = run_case(case, shape, args.device, path, args.min_time,
+                               args.matmul_precision, args.paired)  # fmt: skip
                 kept = best.get((case, path))
                 if kept is None or row.get("seq_per_s", -1) > kept.get("seq_per_s", -1):
                     best[(case, path)] = row
@@ -256,9 +310,10 @@ def main() -> None:
 
 
 def _print_table(results: list[dict]) -> None:
+    paired = any("ratio_vs_lstm_paired" in row for row in results)
     header = (
         f"{'shape BxTxIxH':<16} {'cell':<44} {'path':<6} {'seq/s':>10} {'ms/iter':>9} "
-        f"{'MiB':>9} {'vs LSTM':>8}"
+        f"{'MiB':>9} {'vs LSTM':>8}" + (f" {'paired (q1-q3)':>20}" if paired else "")
     )
     print(header)
     print("-" * len(header))
@@ -267,11 +322,15 @@ def _print_table(results: list[dict]) -> None:
             last = (row["error"].strip().splitlines() or ["?"])[-1]
             print(f"{row['shape']:<16} {row['cell']:<44} {row['path']:<6} error: {last}")
             continue
-        print(
+        line = (
             f"{row['shape']:<16} {row['cell']:<44} {row['path']:<6} {row['seq_per_s']:>10.1f} "
             f"{row['ms_per_iteration']:>9.2f} {row['peak_mib']:>9.1f} "
             f"{row.get('ratio_vs_lstm', float('nan')):>8.3f}"
         )
+        if "ratio_vs_lstm_paired" in row:
+            low, high = row["ratio_vs_lstm_paired_quartiles"]
+            line += f" {row['ratio_vs_lstm_paired']:>7.3f} ({low:.2f}-{high:.2f})"
+        print(line)
 
 
 def _has_kernel_option(cell_cls) -> bool:

@@ -1,4 +1,4 @@
-"""scripts/bench.py end to end at a tiny shape: the rows, the JSON, the ratio to torch.nn.LSTM."""
+"""scripts/bench.py end to end at a tiny shape: the rows, the JSON, the ratios to torch.nn.LSTM."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
     output = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--cells", "irnn",
                "--variants", "--shapes", "4x3x2x5", "--min-time", "0.01",
-               "--device", "cpu", "--json", str(output)]  # fmt: skip
+               "--device", "cpu", "--paired", "--json", str(output)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = json.loads(output.read_text())
@@ -27,4 +27,9 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
         )
         assert row["shape"] == "4x3x2x5" and row["device"] == "cpu" and row["seq_per_s"] > 0
     assert rows[0]["ratio_vs_lstm"] == 1.0
+    # --paired: the LSTM timed against itself in alternating slices comes out near 1
+    for row in rows:
+        low, high = row["ratio_vs_lstm_paired_quartiles"]
+        assert low <= row["ratio_vs_lstm_paired"] <= high and row["paired_slices"] >= 3
+    assert 0.5 < rows[0]["ratio_vs_lstm_paired"] < 2.0
     assert "vs LSTM" in done.stdout and "irnn" in done.stdout
