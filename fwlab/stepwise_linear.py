@@ -83,6 +83,9 @@ class _Step(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[None, torch.Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
+        # under autocast the forward product ran in bfloat16/float16; the gradients are formed
+        # in the weight's dtype (autograd casts δx back to x's)
+        x, grad = x.to(weight.dtype), grad.to(weight.dtype)
         needs_parameters = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         if needs_parameters:
             ctx.pairs.append((x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])))

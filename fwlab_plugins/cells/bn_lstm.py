@@ -26,7 +26,7 @@ from torch import nn
 
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
-from fwlab_plugins.cells.recurrence import Recurrence
+from fwlab_plugins.cells.recurrence import Recurrence, apply_in_full_precision
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
 
@@ -92,7 +92,9 @@ class BNLSTMCell(Cell):
         # batch statistics need two sequences: a single one takes the stepwise code
         one_sample = self.training and x.shape[0] < 2
         if Recurrence(self.config.recurrence) is Recurrence.fused and x.shape[1] and not one_sample:
-            outputs, c = BNLSTMSequence.apply(
+            outputs, c = apply_in_full_precision(
+                BNLSTMSequence,
+                self.recurrent_weights.dtype,
                 input_part,
                 self.recurrent_weights,
                 self.recurrent_norm.weight,

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
-from fwlab_plugins.cells.recurrence import Recurrence
+from fwlab_plugins.cells.recurrence import Recurrence, apply_in_full_precision
 
 
 class FastWeightsForm(str, Enum):
@@ -172,7 +172,9 @@ class FastWeightsCell(Cell):
         """:meth:`_run` of the memory form as one node: the outputs and the final state are
         views of its buffer [memory, h(0), …, h(T)]."""
         norm = self.layer_norm if isinstance(self.layer_norm, nn.LayerNorm) else None
-        states = FastWeightsMemorySequence.apply(
+        states = apply_in_full_precision(
+            FastWeightsMemorySequence,
+            self.recurrent_weights.weight.dtype,
             input_part,
             self.recurrent_weights.weight,
             norm.weight if norm is not None else None,
