@@ -159,10 +159,10 @@ class FastWeightsMemorySequence(torch.autograd.Function):
         grad_gamma = grad_beta = None
         if ctx.layer_norm:
             normalised = (norm_inputs - statistics[0]) * statistics[1]  # ẑ of every step
-            sum_over_steps = (0, 1, 2)
+            every_step_and_sample = (0, 1, 2)  # (T, S, B) of the (T, S, B, H) buffers
             if norm_weight is not None and ctx.needs_input_grad[2]:
-                grad_gamma = (grad_outputs * normalised).sum(sum_over_steps)
+                grad_gamma = (grad_outputs * normalised).sum(every_step_and_sample)
             if norm_bias is not None and ctx.needs_input_grad[3]:
-                grad_beta = grad_outputs.sum(sum_over_steps)
+                grad_beta = grad_outputs.sum(every_step_and_sample)
         return (grad_input.transpose(0, 1), grad_w, grad_gamma, grad_beta,
                 grads[:, start], grads[:, :start], None, None, None, None, None)  # fmt: skip

@@ -121,7 +121,9 @@ class StepwiseBatchNorm(nn.Module):
             var = self.running_var[start : start + steps].view(-1)
         else:
             mean, var = (s.view(-1) for s in self.population_statistics(start, steps, x.device))
-        bias = self.bias if shift is None else shift if self.bias is None else self.bias + shift
+        bias = self.bias
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
         # one batch_norm over (B, T·F): each (step, feature) pair has statistics of its own
         normalised = F.batch_norm(
             x.reshape(batch, steps * features),
