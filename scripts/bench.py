@@ -44,6 +44,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+from fwlab.config import MatmulPrecision
 
 # Shapes (B, T, I, H): retrieval (Ba et al.), glimpses-sized inputs, pixel-by-pixel MNIST.
 DEFAULT_SHAPES = ["128x11x100x100", "16x50x405x200", "64x784x1x100"]
@@ -112,9 +115,14 @@ def measure(
     x = torch.randn(batch, steps, inputs, device=device)
     cuda = device.startswith("cuda")
 
-    def eager() -> None:
-        module.zero_grad(set_to_none=True)
-        run(x).sum().backward()
+    def training_pass(run, module) -> Callable[[], None]:
+        def one_pass() -> None:
+            module.zero_grad(set_to_none=True)
+            run(x).sum().backward()
+
+        return one_pass
+
+    eager = training_pass(run, module)
 
     def synchronize() -> None:
         if cuda:
@@ -148,12 +156,7 @@ def measure(
     extra = {}
     if paired:
         reference_run, reference_module = build(REFERENCE, inputs, hidden)
-        reference_module.to(device)
-
-        def reference() -> None:
-            reference_module.zero_grad(set_to_none=True)
-            reference_run(x).sum().backward()
-
+        reference = training_pass(reference_run, reference_module.to(device))
         timed(reference, 2)  # warm-up
         per_slice = max(1, round(0.1 / max(timed(once, 1), 1e-6)))
         ratios, iterations, elapsed = [], 0, 0.0
@@ -245,7 +248,7 @@ def main() -> None:
     parser.add_argument(
         "--matmul-precision",
         default="high",
-        choices=["highest", "high", "medium"],
+        choices=[precision.value for precision in MatmulPrecision],
         help="torch.set_float32_matmul_precision in every measurement",
     )
     parser.add_argument("--json", default="bench.json", help="where to write the results")

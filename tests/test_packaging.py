@@ -4,13 +4,11 @@ missing from a real one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+from .conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 def test_every_python_package_is_listed_in_pyproject():
