@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -15,6 +18,13 @@ from fwlab_plugins.cells.fast_weights import (
 from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
 
 CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None
+# the fused memory form's two implementations: the PyTorch node and the Triton kernel (which
+# runs in Triton's CPU interpreter off CUDA: conftest sets TRITON_INTERPRET=1)
+KERNELS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="no triton")),
+]
 
 
 def make_cell(input_size=3, hidden_size=5, **overrides) -> FastWeightsCell:
@@ -247,17 +257,40 @@ def run_memory_form(recurrence: str, x: torch.Tensor, continued: bool, **overrid
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
 )
-def test_fused_memory_form_matches_the_stepwise_reference(overrides, continued, device):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_memory_form_matches_the_stepwise_reference(overrides, continued, device, kernel):
     """Float64: outputs, the final state (h and the memory) and every gradient, including those
-    of the starting state, equal autograd through the step-by-step memory form."""
+    of the starting state, equal autograd through the step-by-step memory form, for the PyTorch
+    node and the Triton kernel alike."""
+    if kernel == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("off CUDA the kernel runs in Triton's interpreter, set only without a GPU")
     x = torch.randn(3, 6, 3, dtype=torch.float64).to(device)
-    fused = run_memory_form("fused", x, continued, **overrides)
+    fused = run_memory_form("fused", x, continued, kernel=kernel, **overrides)
     stepwise = run_memory_form("stepwise", x, continued, **overrides)
     torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
     for got, want in zip(fused[1], stepwise[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for got, want in zip(fused[2], stepwise[2], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(form="matrix"), "model.form=matrix"),
+        (dict(recurrence="stepwise"), "model.recurrence=stepwise"),
+    ],
+    ids=["matrix", "stepwise"],
+)
+def test_forcing_the_kernel_outside_the_fused_memory_form_names_the_setting(overrides, key):
+    with pytest.raises(ValueError, match=key):
+        make_cell(kernel="triton", **overrides)
+
+
+def test_forcing_the_kernel_on_a_sequence_auto_takes_as_matrices_says_so():
+    cell = make_cell(hidden_size=2, kernel="triton")  # auto: memory below 4 steps
+    with pytest.raises(ValueError, match="matrix form for 9 steps; set model.form=memory"):
+        cell(torch.randn(2, 9, 3, dtype=torch.float64))
 
 
 def test_fused_memory_form_gradient_check_through_the_starting_state():

@@ -17,11 +17,15 @@ from fwlab.registry import Registry
 pytest.importorskip("triton", reason="the fused kernels need the triton package")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (cell, config overrides): the cells whose config has ``kernel`` with a Triton path
-FUSED = [("irnn", {"input_init_std": 0.5})]
+# (cell, config overrides, the widest hidden size its kernel takes): the cells whose config has
+# ``kernel`` with a Triton path
+FUSED = [
+    ("irnn", {"input_init_std": 0.5}, 128),
+    ("fast_weights", {"form": "memory"}, 256),  # inner_steps > 1: test_fast_weights.py
+]
 # (batch, steps, inputs, hidden): a batch that is not a whole number of tiles, a hidden size
-# that is not a power of two, one step, and the largest hidden size a kernel holds on chip
-SHAPES = [(19, 7, 3, 20), (2, 1, 2, 3), (5, 4, 6, 128)]
+# that is not a power of two, one step, and (hidden 0) the widest hidden size the kernel takes
+SHAPES = [(19, 7, 3, 20), (2, 1, 2, 3), (5, 4, 6, 0)]
 
 
 @pytest.fixture
@@ -47,6 +51,17 @@ def pair(name: str, overrides: dict, inputs: int, hidden: int, dtype=torch.float
     return reference, fused
 
 
+def made_by_a_fused_node(tensor: torch.Tensor, depth: int = 3) -> bool:
+    """Whether a Triton node (``Fused…``) is among the autograd nodes that made ``tensor``
+    within a few levels (a cell's outputs may be a view of the node's result)."""
+    nodes = [tensor.grad_fn]
+    for _ in range(depth):
+        if any(node is not None and "Fused" in type(node).__name__ for node in nodes):
+            return True
+        nodes = [parent for node in nodes if node is not None for parent, _ in node.next_functions]
+    return False
+
+
 def outputs_and_gradients(cell, x, h0):
     state = cell.initial_state(x.shape[0], x.device, x.dtype)._replace(h=h0)
     outputs, final = cell(x, state)
@@ -56,27 +71,28 @@ def outputs_and_gradients(cell, x, h0):
     return outputs, gradients
 
 
-@pytest.mark.parametrize("name, overrides", FUSED)
+@pytest.mark.parametrize("name, overrides, widest", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_path_matches_the_reference_in_float64(name, overrides, shape):
+def test_fused_path_matches_the_reference_in_float64(name, overrides, widest, shape):
     batch, steps, inputs, hidden = shape
+    hidden = hidden or widest
     reference, fused = pair(name, overrides, inputs, hidden)
     x = torch.randn(batch, steps, inputs, device=DEVICE, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(batch, hidden, device=DEVICE, dtype=torch.float64, requires_grad=True)
     expected, expected_gradients = outputs_and_gradients(reference, x, h0)
     actual, actual_gradients = outputs_and_gradients(fused, x, h0)
-    assert actual.grad_fn is not None and "Fused" in type(actual.grad_fn).__name__
+    assert made_by_a_fused_node(actual)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     for got, want in zip(actual_gradients, expected_gradients):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name, overrides", FUSED)
-def test_fused_path_passes_a_float64_gradient_check(name, overrides):
+@pytest.mark.parametrize("name, overrides, widest", FUSED)
+def test_fused_path_passes_a_float64_gradient_check(name, overrides, widest):
     _, fused = pair(name, overrides, inputs=2, hidden=3)
     names = [n for n, _ in fused.named_parameters()]
     parameters = [p.detach().clone().requires_grad_(True) for p in fused.parameters()]
-    x = torch.randn(2, 3, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
 
     def function(x, *values):
         return torch.func.functional_call(fused, dict(zip(names, values)), (x,))[0]
@@ -85,8 +101,10 @@ def test_fused_path_passes_a_float64_gradient_check(name, overrides):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="float32 kernels are checked natively, on CUDA")
-@pytest.mark.parametrize("name, overrides", FUSED)
-def test_fused_float32_is_as_accurate_as_the_pytorch_float32_loop(name, overrides, ieee_float32):
+@pytest.mark.parametrize("name, overrides, widest", FUSED)
+def test_fused_float32_is_as_accurate_as_the_pytorch_float32_loop(
+    name, overrides, widest, ieee_float32
+):
     """Over 200 steps float32 results drift from exact ones (rounding amplified through the
     recurrence, ReLUs flipping near 0), differently in any two summation orders; so each float32
     path is measured against the float64 reference, and the kernel's error must stay within a
@@ -111,14 +129,14 @@ def test_fused_float32_is_as_accurate_as_the_pytorch_float32_loop(name, override
         assert fused_error <= 10 * torch_error + 1e-5, index
 
 
-@pytest.mark.parametrize("name, overrides", FUSED)
+@pytest.mark.parametrize("name, overrides, widest", FUSED)
 def test_auto_uses_the_reference_on_the_cpu_and_forcing_says_what_is_missing(
-    name, overrides, monkeypatch
+    name, overrides, widest, monkeypatch
 ):
     cell_cls = Registry().get("cell", name)
     cell = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="auto"))
     outputs, _ = cell(torch.randn(2, 3, 3))
-    assert "Fused" not in type(outputs.grad_fn).__name__  # auto: natively only, on CUDA
+    assert not made_by_a_fused_node(outputs)  # auto: natively only, on CUDA
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     forced = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
     with pytest.raises(RuntimeError, match="needs CUDA, or TRITON_INTERPRET=1"):
@@ -133,10 +151,11 @@ def test_autos_choice_on_cuda_is_logged_once_with_its_reason(caplog):
     on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0")  # only where it lives is read
     kernels._reported.clear()
     with caplog.at_level("INFO"):
-        assert not kernels.use_triton("auto", on_cuda, fits=True, pays_off=False, cell="irnn")
-        assert not kernels.use_triton("auto", on_cuda, fits=True, pays_off=False, cell="irnn")
-        assert not kernels.use_triton("auto", on_cuda, fits=False, pays_off=True, cell="irnn")
-        assert kernels.use_triton("auto", on_cuda, fits=True, pays_off=True, cell="irnn")
+        ieee = "float32 products in IEEE precision (float32_matmul_precision=highest)"
+        assert not kernels.use_triton("auto", on_cuda, fits=True, slower=ieee, cell="irnn")
+        assert not kernels.use_triton("auto", on_cuda, fits=True, slower=ieee, cell="irnn")
+        assert not kernels.use_triton("auto", on_cuda, fits=False, slower=None, cell="irnn")
+        assert kernels.use_triton("auto", on_cuda, fits=True, slower=None, cell="irnn")
     messages = [r.getMessage() for r in caplog.records if "fwlab: kernels" in r.getMessage()]
     assert messages == [
         "fwlab: kernels: irnn: plain PyTorch loop (slower here: float32 products in IEEE "

@@ -26,8 +26,10 @@ average T/2 states, two products each), so memory is chosen when T < (S+1)/S · 
 
 The memory form of a whole sequence runs as one autograd node with a hand-written backward
 (:mod:`.fast_weights_sequence`); ``model.recurrence=stepwise`` runs autograd through the
-step-by-step code instead, the reference the tests hold it to. The matrix form is always
-step-by-step.
+step-by-step code instead, the reference the tests hold it to. On CUDA that node's loops run as
+one Triton kernel each way where the shape allows (:mod:`.kernels.fast_weights_triton`, chosen
+by ``model.kernel``; ``torch`` keeps the PyTorch node, the kernel's reference). The matrix form
+is always step-by-step.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
+from fwlab_plugins.cells.kernels import Kernel
 from fwlab_plugins.cells.recurrence import Recurrence, apply_in_full_precision
 
 
@@ -79,6 +83,8 @@ class FastWeightsConfig(CellConfig):
     checkpoint_every: int = 0
     # memory form: fused (one autograd node per sequence) | stepwise (autograd, the reference)
     recurrence: Recurrence = Recurrence.fused
+    # fused memory form: auto (the Triton kernel on CUDA where it pays off) | triton | torch
+    kernel: Kernel = Kernel.auto
 
 
 class FastWeightsCell(Cell):
@@ -99,6 +105,15 @@ class FastWeightsCell(Cell):
             raise ValueError(f"model.checkpoint_every must be >= 0, got {config.checkpoint_every}")
         self.checkpoint_every = config.checkpoint_every
         self.recurrence = Recurrence(config.recurrence)
+        self.kernel = Kernel(config.kernel)
+        if self.kernel is Kernel.triton and (
+            self.form is FastWeightsForm.matrix or self.recurrence is Recurrence.stepwise
+        ):
+            raise ValueError(
+                "model.kernel=triton runs the fused memory form: it needs model.form=memory "
+                f"(or auto) and model.recurrence=fused, got model.form={self.form.value} and "
+                f"model.recurrence={self.recurrence.value}"
+            )
         self._decay_cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self.input_weights = nn.Linear(input_size, hidden)  # C (and the bias)
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W
@@ -154,6 +169,11 @@ class FastWeightsCell(Cell):
         """The steps of ``input_part`` (B, T', H) from a state given as its tensors (so that
         activation checkpointing sees them): (outputs (B, T', H), *final state tensors)."""
         state = state_type(*state_tensors)
+        if state_type is FastWeightsMatrixState and self.kernel is Kernel.triton:
+            raise ValueError(
+                f"model.kernel=triton runs the memory form, but model.form=auto takes the matrix "
+                f"form for {input_part.shape[1]} steps; set model.form=memory or model.kernel=auto"
+            )
         if (
             state_type is FastWeightsMemoryState
             and self.recurrence is Recurrence.fused
@@ -172,8 +192,13 @@ class FastWeightsCell(Cell):
         """:meth:`_run` of the memory form as one node: the outputs and the final state are
         views of its buffer [memory, h(0), …, h(T)]."""
         norm = self.layer_norm if isinstance(self.layer_norm, nn.LayerNorm) else None
+        node = FastWeightsMemorySequence
+        if self._triton(input_part):
+            from fwlab_plugins.cells.kernels.fast_weights_triton import FusedFastWeightsMemory
+
+            node = FusedFastWeightsMemory
         states = apply_in_full_precision(
-            FastWeightsMemorySequence,
+            node,
             self.recurrent_weights.weight.dtype,
             input_part,
             self.recurrent_weights.weight,
@@ -189,6 +214,18 @@ class FastWeightsCell(Cell):
         )
         start, last = state.memory.shape[1], state.memory.shape[1] + input_part.shape[1]
         return states[:, start + 1 :], states[:, last], states[:, :last]
+
+    def _triton(self, input_part: torch.Tensor) -> bool:
+        """Whether the fused memory form runs as the Triton kernel (``model.kernel``)."""
+        weights = self.recurrent_weights.weight  # the node runs in its dtype (autocast aside)
+
+        def fits_and_slower() -> tuple[bool, str | None]:
+            from fwlab_plugins.cells.kernels import fast_weights_triton
+
+            fits = fast_weights_triton.fits(weights, self.hidden_size)
+            return fits, fast_weights_triton.slower(weights)
+
+        return kernels.wants_triton(self.kernel, input_part, "fast_weights", fits_and_slower)
 
     def step(
         self, x_t: torch.Tensor, state: FastWeightsState

@@ -77,18 +77,13 @@ class IRNNCell(Cell):
         return torch.stack(outputs, dim=1), IRNNState(h)
 
     def _fused(self, input_part: torch.Tensor) -> bool:
-        kernel = Kernel(self.config.kernel)
-        if kernel is Kernel.torch or input_part.shape[1] == 0:
-            return False
-        if kernel is Kernel.auto and not input_part.is_cuda:
-            return False  # auto never runs the kernel off CUDA: no import of triton at all
-        fits = pays_off = False
-        if kernels.triton_installed():
+        def fits_and_slower() -> tuple[bool, str | None]:
             from fwlab_plugins.cells.kernels import irnn_triton
 
             fits = irnn_triton.fits(input_part, self.hidden_size)
-            pays_off = irnn_triton.pays_off(input_part)
-        return kernels.use_triton(kernel, input_part, fits, pays_off, cell="irnn")
+            return fits, irnn_triton.slower(input_part)
+
+        return kernels.wants_triton(self.config.kernel, input_part, "irnn", fits_and_slower)
 
     def step(self, x_t: torch.Tensor, state: IRNNState) -> tuple[torch.Tensor, IRNNState]:
         h = torch.relu(self.input_weights(x_t) + self.recurrent_weights(state.h))

@@ -10,9 +10,11 @@ without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -38,11 +40,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``'s GPU (Triton launches on the current one); the CPU interpreter
+    needs no device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def wants_triton(
+    kernel: Kernel,
+    tensor: torch.Tensor,
+    cell: str,
+    fits_and_slower: Callable[[], tuple[bool, str | None]],
+) -> bool:
+    """Whether a cell runs its Triton kernel on ``tensor`` (B, T, …): :func:`use_triton`, with
+    the cheap answers first. ``torch``, or an empty sequence: no; ``auto`` off CUDA: no, without
+    importing Triton. Otherwise ``fits_and_slower()`` (which may import the kernel's module)
+    is asked, where Triton is installed."""
+    kernel = Kernel(kernel)
+    if kernel is Kernel.torch or tensor.shape[1] == 0:
+        return False
+    if kernel is Kernel.auto and not tensor.is_cuda:
+        return False
+    fits, slower = fits_and_slower() if triton_installed() else (False, None)
+    return use_triton(kernel, tensor, fits, slower, cell=cell)
+
+
 def use_triton(
     kernel: Kernel,
     tensor: torch.Tensor,
     fits: bool,
-    pays_off: bool,
+    slower: str | None,
     cell: str,
     key: str = "model.kernel",
 ) -> bool:
@@ -50,9 +77,9 @@ def use_triton(
 
     ``kernel`` is the cell's config value: ``torch`` never; ``auto`` where it runs natively
     (a CUDA tensor, Triton installed), takes the shape (``fits``) and is the faster choice by
-    the kernel's measurements (``pays_off``); ``triton`` always, failing with the reason when
-    it cannot. On CUDA, ``auto``'s choice for ``cell`` is logged once, with the reason when it
-    is the plain loop.
+    the kernel's measurements (``slower``: why it is not, or ``None``); ``triton`` always,
+    failing with the reason when it cannot. On CUDA, ``auto``'s choice for ``cell`` is logged
+    once, with the reason when it is the plain loop.
     """
     kernel = Kernel(kernel)
     if kernel is Kernel.torch:
@@ -60,7 +87,7 @@ def use_triton(
     if kernel is Kernel.auto:
         if not tensor.is_cuda:  # the CPU always takes the plain loop: nothing to report
             return False
-        reason = _auto_fallback_reason(fits, pays_off)
+        reason = _auto_fallback_reason(fits, slower)
         _report_once(
             f"{cell}: " + (f"plain PyTorch loop ({reason})" if reason else "Triton kernel")
         )
@@ -80,13 +107,13 @@ def use_triton(
 _reported: set[str] = set()
 
 
-def _auto_fallback_reason(fits: bool, pays_off: bool) -> str | None:
+def _auto_fallback_reason(fits: bool, slower: str | None) -> str | None:
     if not triton_installed():
         return "the triton package is not installed"
     if not fits:
         return "the shape or dtype is beyond the kernel"
-    if not pays_off:
-        return "slower here: float32 products in IEEE precision (float32_matmul_precision=highest)"
+    if slower:
+        return f"slower here: {slower}"
     return None
 
 

@@ -14,11 +14,11 @@ always IEEE.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from fwlab_plugins.cells.kernels import on_device
 
 MAX_HIDDEN = 128  # W_h lives in registers: 128² float32 per program
 BLOCK_B = 16  # sequences per program (tl.dot's smallest tile)
@@ -29,14 +29,16 @@ def fits(batch_inputs: torch.Tensor, hidden_size: int) -> bool:
     return hidden_size <= MAX_HIDDEN and batch_inputs.dtype in (torch.float32, torch.float64)
 
 
-def pays_off(batch_inputs: torch.Tensor) -> bool:
-    """Whether the kernel beats the captured PyTorch loop: only on tensor cores. Measured on an
-    H200 (B=64, T=784, H=100, forward+backward of the loop): IEEE float32 products in the kernel
-    30 ms, against 18 ms for the graph-captured loop; three TF32 products 3.8 ms; one 2.1 ms."""
-    return batch_inputs.dtype == torch.float32 and torch.get_float32_matmul_precision() in (
-        "high",
-        "medium",
-    )
+def slower(batch_inputs: torch.Tensor) -> str | None:
+    """Why the kernel would be slower than the captured PyTorch loop here, or ``None``: it pays
+    off only on tensor cores. Measured on an H200 (B=64, T=784, H=100, forward+backward of the
+    loop): IEEE float32 products in the kernel 30 ms, against 18 ms for the graph-captured loop;
+    three TF32 products 3.8 ms; one 2.1 ms."""
+    if batch_inputs.dtype != torch.float32:
+        return "float64 products (the kernel pays off on float32 tensor cores)"
+    if torch.get_float32_matmul_precision() not in ("high", "medium"):
+        return "float32 products in IEEE precision (float32_matmul_precision=highest)"
+    return None
 
 
 @triton.jit
@@ -99,12 +101,6 @@ def _launch_config(hidden_size: int, sequences: torch.Tensor) -> tuple[tuple[int
     return grid, meta
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on ``device``'s GPU (Triton launches on the current one); the CPU interpreter
-    needs no device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 class FusedIRNN(torch.autograd.Function):
     """``(u (B, T, H), W_h (H, H), h_0 (B, H)) -> h (B, T, H)`` through the Triton kernels."""
 
@@ -116,7 +112,7 @@ class FusedIRNN(torch.autograd.Function):
         batch, steps, hidden = u.shape
         out = torch.empty_like(u)
         grid, meta = _launch_config(hidden, u)
-        with _on(u.device):
+        with on_device(u.device):
             _forward_kernel[grid](u, w, h0, out, batch, steps, hidden, **meta)
         ctx.save_for_backward(out, w, h0)
         return out
@@ -130,7 +126,7 @@ class FusedIRNN(torch.autograd.Function):
         batch, steps, hidden = out.shape
         grad_pre, grad_h0 = torch.empty_like(out), torch.empty_like(h0)
         grid, meta = _launch_config(hidden, out)
-        with _on(out.device):
+        with on_device(out.device):
             _backward_kernel[grid](
                 grad_out.contiguous(), out, w, grad_pre, grad_h0, batch, steps, hidden, **meta
             )
