@@ -295,21 +295,44 @@ def main() -> None:
                 kept = best.get((case, path))
                 if kept is None or row.get("seq_per_s", -1) > kept.get("seq_per_s", -1):
                     best[(case, path)] = row
-        rows = [best[run] for run in runs]
-        best_lstm = max(
-            (r["seq_per_s"] for r in rows if r["cell"] == REFERENCE and "seq_per_s" in r),
-            default=None,
-        )
-        for row in rows:
-            row["device_name"] = device_name
-            if best_lstm and "seq_per_s" in row:
-                row["ratio_vs_lstm"] = row["seq_per_s"] / best_lstm
-            results.append(row)
-        with open(args.json, "w") as file:  # after every shape: a cut-off run keeps its rows
-            json.dump(results, file, indent=2)
+                print(_progress(row), file=sys.stderr, flush=True)
+                # after every case: a run cut off (a time limit) keeps the rows it measured
+                _write(args.json, results + _with_ratios(best, runs, device_name))
+        results += _with_ratios(best, runs, device_name)
+        _write(args.json, results)
     _print_table(results)
     print(f"\n{device_name}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"wrote {args.json}")
+
+
+def _with_ratios(
+    best: dict[tuple[str, str], dict], runs: list[tuple[str, str]], device_name: str
+) -> list[dict]:
+    """One shape's rows measured so far, in run order, with ``ratio_vs_lstm`` where the
+    reference (measured first) has a row."""
+    rows = [best[run] for run in runs if run in best]
+    best_lstm = max(
+        (r["seq_per_s"] for r in rows if r["cell"] == REFERENCE and "seq_per_s" in r),
+        default=None,
+    )
+    for row in rows:
+        row["device_name"] = device_name
+        if best_lstm and "seq_per_s" in row:
+            row["ratio_vs_lstm"] = row["seq_per_s"] / best_lstm
+    return rows
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as file:
+        json.dump(rows, file, indent=2)
+
+
+def _progress(row: dict) -> str:
+    """A case's line as it is measured (stderr; the table comes at the end)."""
+    what = f"{row['shape']} {row['cell']} {row['path']}"
+    if "error" in row:
+        return f"{what}: error"
+    return f"{what}: {row['ms_per_iteration']:.3f} ms/iter, {row['seq_per_s']:.1f} seq/s"
 
 
 def _print_table(results: list[dict]) -> None:
