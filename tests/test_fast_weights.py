@@ -167,9 +167,13 @@ def test_gradient_check(form):
 def test_auto_picks_the_cheaper_form():
     cell = FastWeightsCell(4, FastWeightsConfig(hidden_size=100, form="auto"))
     assert cell.resolve_form(11).value == "memory"  # short sequence: attention over 11 states
-    assert cell.resolve_form(784).value == "matrix"  # long sequence: a 100×100 matrix
+    assert cell.resolve_form(784).value == "memory"  # fused: measured faster, and O(T·H)
+    assert cell.resolve_form(2000).value == "matrix"  # long sequence: a 100×100 matrix
+    assert cell.resolve_form(None).value == "matrix"  # any length: constant cost per step
+    stepwise = FastWeightsCell(4, FastWeightsConfig(hidden_size=100, recurrence="stepwise"))
+    assert stepwise.resolve_form(784).value == "matrix"  # its memory form keeps O(T²·H)
     assert isinstance(cell.initial_state(2, seq_len=11), FastWeightsMemoryState)
-    assert isinstance(cell.initial_state(2, seq_len=784), FastWeightsMatrixState)
+    assert isinstance(cell.initial_state(2, seq_len=2000), FastWeightsMatrixState)
 
 
 def test_layer_norm_is_per_sample_not_over_the_batch():
@@ -288,9 +292,9 @@ def test_forcing_the_kernel_outside_the_fused_memory_form_names_the_setting(over
 
 
 def test_forcing_the_kernel_on_a_sequence_auto_takes_as_matrices_says_so():
-    cell = make_cell(hidden_size=2, kernel="triton")  # auto: memory below 4 steps
-    with pytest.raises(ValueError, match="matrix form for 9 steps; set model.form=memory"):
-        cell(torch.randn(2, 9, 3, dtype=torch.float64))
+    cell = make_cell(hidden_size=2, kernel="triton")  # auto: memory below 32 steps
+    with pytest.raises(ValueError, match="matrix form for 40 steps; set model.form=memory"):
+        cell(torch.randn(2, 40, 3, dtype=torch.float64))
 
 
 def test_fused_memory_form_gradient_check_through_the_starting_state():
