@@ -291,7 +291,7 @@ def test_forcing_the_kernel_outside_the_fused_memory_form_names_the_setting(over
         make_cell(kernel="triton", **overrides)
 
 
-def test_forcing_the_kernel_on_a_sequence_auto_takes_as_matrices_says_so():
+def test_forcing_the_kernel_where_auto_takes_the_matrix_form_says_so():
     cell = make_cell(hidden_size=2, kernel="triton")  # auto: memory below 32 steps
     with pytest.raises(ValueError, match="matrix form for 40 steps; set model.form=memory"):
         cell(torch.randn(2, 40, 3, dtype=torch.float64))

@@ -35,6 +35,25 @@ import torch
 aten = torch.ops.aten
 
 
+def start_states(
+    input_part: torch.Tensor,
+    h0: torch.Tensor,
+    memory0: torch.Tensor,
+    decay: float,
+    learning_rate: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states buffer (B, n_0+T+1, H) holding [memory_0, h(0)] so far, and the rates
+    η λ^{last-1-i} of entry i at the last step (last = n_0+T; step t uses the final n_t)."""
+    batch, steps, hidden = input_part.shape
+    start = memory0.shape[1]
+    last = start + steps
+    states = input_part.new_empty(batch, last + 1, hidden)
+    states[:, :start] = memory0
+    states[:, start] = h0
+    powers = torch.arange(last - 1, -1, -1, device=h0.device, dtype=h0.dtype)
+    return states, learning_rate * decay**powers
+
+
 class FastWeightsMemorySequence(torch.autograd.Function):
     """``(u (B,T,H), W, γ, β, h_0, memory_0 (B,n_0,H)) -> states (B, n_0+T+1, H)``: the buffer
     ``[memory_0, h(0), …, h(T)]``; the outputs are ``states[:, n_0+1:]``. γ, β are ``None``
@@ -58,12 +77,7 @@ class FastWeightsMemorySequence(torch.autograd.Function):
         batch, steps, hidden = input_part.shape
         start = memory0.shape[1]  # n_0
         last = start + steps  # entries the last step attends over
-        states = input_part.new_empty(batch, last + 1, hidden)
-        states[:, :start] = memory0
-        states[:, start] = h0
-        # η λ^{last-1-i} for entry i at the last step; step t uses the final n_t of them
-        powers = torch.arange(last - 1, -1, -1, device=h0.device, dtype=h0.dtype)
-        rates = learning_rate * decay**powers
+        states, rates = start_states(input_part, h0, memory0, decay, learning_rate)
         new = input_part.new_empty
         queries = new(steps, inner_steps, batch, hidden)  # q_0 … q_{S-1}
         norm_inputs = new(steps, inner_steps, batch, hidden)  # z_s

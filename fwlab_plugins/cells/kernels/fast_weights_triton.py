@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fwlab_plugins.cells.fast_weights_sequence import start_states
 from fwlab_plugins.cells.kernels import on_device
 
 MAX_HIDDEN = 256  # the widest state a program holds
@@ -83,11 +84,11 @@ def _forward_kernel(
         )
     gamma = tl.load(gamma_ptr + cols, mask=units, other=0.0)
     beta = tl.load(beta_ptr + cols, mask=units, other=0.0)
-    h = tl.load(sequence + START * H + cols, mask=units, other=0.0)
+    h = tl.load(sequence + START * H + cols, mask=units, other=0.0)  # h(0)
     for t in range(T):
-        n = START + t + 1
+        n = START + t + 1  # entries e_0 … h(t)
         p = tl.load(u_ptr + b * T * H + t * H + cols, mask=units, other=0.0)
-        if W_ON_CHIP:
+        if W_ON_CHIP:  # zero padding keeps padded units 0 through every step
             p += tl.sum(w * h[None, :], axis=1)
         else:  # W h(t) in slices of BLOCK_K inputs, h(t) read back from the states buffer
             for k in tl.static_range(0, BLOCK_H, BLOCK_K):
@@ -103,7 +104,7 @@ def _forward_kernel(
         for s in tl.static_range(INNER):
             row = t * INNER + s
             tl.store(queries_ptr + row * B * H + b * H + cols, q, mask=units)
-            attended = tl.zeros((BLOCK_H,), dtype=p.dtype)
+            attended = tl.zeros((BLOCK_H,), dtype=p.dtype)  # A(t) q_s
             for first in range(0, n, BLOCK_N):
                 present = first + chunk < n
                 e = tl.load(
@@ -112,7 +113,7 @@ def _forward_kernel(
                     other=0.0,
                 )
                 rate = tl.load(rates_ptr + first + chunk + last - n, mask=present, other=0.0)
-                scores = tl.sum(e * q[None, :], axis=1) * rate
+                scores = tl.sum(e * q[None, :], axis=1) * rate  # w_i e_iᵀ q_s
                 attended += tl.sum(scores[:, None] * e, axis=0)
             z = p + attended
             if LAYER_NORM:
@@ -124,9 +125,9 @@ def _forward_kernel(
                 tl.store(rstd_ptr + row * B + b, rstd)
                 z = normed * gamma + beta
             q = tl.maximum(z, 0.0)
-        tl.store(sequence + n * H + cols, q, mask=units)
+        tl.store(sequence + n * H + cols, q, mask=units)  # h(t+1)
         h = q
-        tl.debug_barrier()
+        tl.debug_barrier()  # h(t+1) is an entry of the next step, read by other threads
 
 
 @triton.jit
@@ -155,18 +156,18 @@ def _backward_kernel(
     for step in range(T):
         t = T - 1 - step
         n = START + t + 1
-        grad_q = tl.load(sequence_grads + n * H + cols, mask=units, other=0.0)
+        grad_q = tl.load(sequence_grads + n * H + cols, mask=units, other=0.0)  # δh(t+1), complete
         grad_p = tl.zeros((BLOCK_H,), dtype=grad_q.dtype)
         for inner in tl.static_range(INNER):
             s = INNER - 1 - inner
             row = t * INNER + s
-            if s == INNER - 1:
+            if s == INNER - 1:  # q_S = h(t+1)
                 out = tl.load(sequence + n * H + cols, mask=units, other=0.0)
             else:
                 out = tl.load(queries_ptr + (row + 1) * B * H + b * H + cols, mask=units, other=0.0)
             grad_y = tl.where(out > 0, grad_q, 0.0)
             tl.store(grad_y_ptr + row * B * H + b * H + cols, grad_y, mask=units)
-            if LAYER_NORM:
+            if LAYER_NORM:  # δz = (1/σ)(δẑ − mean(δẑ) − ẑ mean(δẑ ⊙ ẑ)),  δẑ = γ ⊙ δy
                 normed = tl.load(normed_ptr + row * B * H + b * H + cols, mask=units, other=0.0)
                 rstd = tl.load(rstd_ptr + row * B + b)
                 grad_normed = grad_y * gamma
@@ -186,20 +187,20 @@ def _backward_kernel(
                 e = tl.load(sequence + offsets, mask=entry_mask, other=0.0)
                 rate = tl.load(rates_ptr + first + chunk + last - n, mask=present, other=0.0)
                 scores = tl.sum(e * q[None, :], axis=1) * rate
-                grad_scores = tl.sum(e * grad_z[None, :], axis=1) * rate
-                grad_q += tl.sum(grad_scores[:, None] * e, axis=0)
+                grad_scores = tl.sum(e * grad_z[None, :], axis=1) * rate  # w_i e_iᵀ δz
+                grad_q += tl.sum(grad_scores[:, None] * e, axis=0)  # A(t) δz: A(t) is symmetric
                 grad_e = tl.load(sequence_grads + offsets, mask=entry_mask, other=0.0)
                 grad_e += scores[:, None] * grad_z[None, :] + grad_scores[:, None] * q[None, :]
                 tl.store(sequence_grads + offsets, grad_e, mask=entry_mask)
-            tl.debug_barrier()
+            tl.debug_barrier()  # the entries' gradients are read again, by other threads
         q0 = tl.load(queries_ptr + t * INNER * B * H + b * H + cols, mask=units, other=0.0)
         grad_p += tl.where(q0 > 0, grad_q, 0.0)
-        grad_input = grad_input_ptr + b * T * H + t * H
+        grad_input = grad_input_ptr + b * T * H + t * H  # δu_t = δp
         tl.store(grad_input + cols, grad_p, mask=units)
         grad_h = tl.load(sequence_grads + (n - 1) * H + cols, mask=units, other=0.0)
         if W_ON_CHIP:
             grad_h += tl.sum(w * grad_p[:, None], axis=0)  # δh(t) += δp W
-        else:
+        else:  # in slices of BLOCK_K units of δp, read back from where it was just stored
             tl.debug_barrier()
             for k in tl.static_range(0, BLOCK_H, BLOCK_K):
                 rows = k + tl.arange(0, BLOCK_K)
@@ -211,7 +212,7 @@ def _backward_kernel(
                 )
                 grad_h += tl.sum(w_part * grad_p_part[:, None], axis=0)
         tl.store(sequence_grads + (n - 1) * H + cols, grad_h, mask=units)
-        tl.debug_barrier()
+        tl.debug_barrier()  # δh(t) is read back at the next (earlier) step
 
 
 def _launch_config(hidden_size: int, batch: int, entries: int) -> tuple[tuple[int], dict]:
@@ -251,11 +252,7 @@ class FusedFastWeightsMemory(torch.autograd.Function):
         batch, steps, hidden = input_part.shape
         start = memory0.shape[1]
         last = start + steps
-        states = input_part.new_empty(batch, last + 1, hidden)
-        states[:, :start] = memory0
-        states[:, start] = h0
-        powers = torch.arange(last - 1, -1, -1, device=h0.device, dtype=h0.dtype)
-        rates = learning_rate * decay**powers  # η λ^{last-1-i}, as the PyTorch node
+        states, rates = start_states(input_part, h0, memory0, decay, learning_rate)
         new = input_part.new_empty
         queries = new(steps, inner_steps, batch, hidden)
         normed = new(steps, inner_steps, batch, hidden) if layer_norm else new(0)
