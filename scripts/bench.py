@@ -9,8 +9,9 @@ Each measurement runs in a fresh subprocess, on each available path:
 - ``eager``: the module as written;
 - ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
   removes the per-kernel launch cost of the Python time loop (static shapes only);
-- ``fused`` (CUDA, cells with a ``kernel`` option): the cell's Triton kernel, the whole time
-  loop in one launch each way, inside a captured graph as training runs it. ``eager`` and
+- ``fused`` (CUDA, cells with a ``kernel`` option, where the case's settings allow it: not
+  fast weights' matrix form): the cell's Triton kernel, the whole time loop in one launch each
+  way, inside a captured graph as training runs it. ``eager`` and
   ``graph`` run such cells with ``kernel=torch``, their PyTorch reference.
 
 Float32 products follow ``--matmul-precision`` (torch's setting; default ``high``, fwlab's
@@ -282,11 +283,14 @@ def main() -> None:
     cells = args.cells or registry.names("cell")
     cases = [REFERENCE, *cells, *[v for v in args.variants if v.split(":")[0] in cells]]
     fused_cells = {name for name in cells if _has_kernel_option(registry.get("cell", name))}
+    fused_cases = set()  # the cases whose settings the cell's kernel takes
+    if "fused" in paths:
+        fused_cases = {c for c in cases if c.split(":")[0] in fused_cells and _fused_applies(c)}
     device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
         runs = [(case, path) for case in cases for path in paths
-                if path != "fused" or case.split(":")[0] in fused_cells]  # fmt: skip
+                if path != "fused" or case in fused_cases]  # fmt: skip
         best: dict[tuple[str, str], dict] = {}
         for _ in range(args.rounds):  # interleaved rounds: a machine's slow spell hits all cases
             for case, path in runs:
@@ -357,6 +361,17 @@ def _print_table(results: list[dict]) -> None:
             low, high = row["ratio_vs_lstm_paired_quartiles"]
             line += f" {row['ratio_vs_lstm_paired']:>7.3f} ({low:.2f}-{high:.2f})"
         print(line)
+
+
+def _fused_applies(case: str) -> bool:
+    """Whether a case's cell can take its kernel with the case's settings (a variant that
+    forces, say, fast weights' matrix form cannot); says why not on stderr."""
+    try:
+        build(case, 1, 8, path="fused")
+    except ValueError as error:
+        print(f"{case}: no fused path ({error})", file=sys.stderr)
+        return False
+    return True
 
 
 def _has_kernel_option(cell_cls) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,3 +34,12 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
         assert low <= row["ratio_vs_lstm_paired"] <= high and row["paired_slices"] >= 3
     assert 0.5 < rows[0]["ratio_vs_lstm_paired"] < 2.0
     assert "vs LSTM" in done.stdout and "irnn" in done.stdout
+
+
+def test_the_fused_path_is_offered_only_where_the_kernel_takes_the_settings(capsys):
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._fused_applies("fast_weights") and bench._fused_applies("irnn")
+    assert not bench._fused_applies("fast_weights:form=matrix,checkpoint_every=28")
+    assert "model.form=matrix" in capsys.readouterr().err
