@@ -11,8 +11,8 @@ Each measurement runs in a fresh subprocess, on each available path:
   removes the per-kernel launch cost of the Python time loop (static shapes only);
 - ``fused`` (CUDA, cells with a ``kernel`` option, where the case's settings allow it: not
   fast weights' matrix form): the cell's Triton kernel, the whole time loop in one launch each
-  way, inside a captured graph as training runs it. ``eager`` and
-  ``graph`` run such cells with ``kernel=torch``, their PyTorch reference.
+  way, inside a captured graph as training runs it. ``eager`` and ``graph`` run such cells with
+  ``kernel=torch``, their PyTorch reference.
 
 Float32 products follow ``--matmul-precision`` (torch's setting; default ``high``, fwlab's
 default for runs), for torch's products and the fused kernels alike; cuDNN's LSTM uses TF32

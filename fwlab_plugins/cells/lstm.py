@@ -13,6 +13,7 @@ once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,23 +80,23 @@ _ONEDNN_LOW_PRECISION = {
     torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
 }
-_reported = False
 
 
 def _cpu_autocast_without_onednn_kernel(x: torch.Tensor) -> bool:
     """Whether ``x`` is on the CPU under an autocast whose dtype this CPU's oneDNN has no LSTM
-    kernel for (reported once)."""
-    global _reported
+    kernel for."""
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
-    dtype = torch.get_autocast_dtype("cpu")
+    return _onednn_lacks_lstm_kernel(torch.get_autocast_dtype("cpu"))
+
+
+@functools.cache  # asked at every forward pass under autocast; the answer and its report, once
+def _onednn_lacks_lstm_kernel(dtype: torch.dtype) -> bool:
     supported = _ONEDNN_LOW_PRECISION.get(dtype)
     if supported is None or supported():
         return False
-    if not _reported:
-        _reported = True
-        rank_zero_info(
-            f"fwlab: lstm: this CPU's oneDNN has no {dtype} LSTM kernel; "
-            "the LSTM runs in float32 under autocast"
-        )
+    rank_zero_info(
+        f"fwlab: lstm: this CPU's oneDNN has no {dtype} LSTM kernel; "
+        "the LSTM runs in float32 under autocast"
+    )
     return True
