@@ -9,10 +9,11 @@ Each measurement runs in a fresh subprocess, on each available path:
 - ``eager``: the module as written;
 - ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
   removes the per-kernel launch cost of the Python time loop (static shapes only);
-- ``fused`` (CUDA, cells with a ``kernel`` option, where the case's settings allow it: not
-  fast weights' matrix form): the cell's Triton kernel, the whole time loop in one launch each
-  way, inside a captured graph as training runs it. ``eager`` and ``graph`` run such cells with
-  ``kernel=torch``, their PyTorch reference.
+- ``fused`` (cells with a kernel for the device, where the case's settings allow it: not
+  fast weights' matrix form): on CUDA the cell's Triton kernel, the whole time loop in one
+  launch each way, inside a captured graph as training runs it; on the CPU its C kernel
+  (``kernel=c``), each step's element-wise work in one call. ``eager`` and ``graph`` run such
+  cells with ``kernel=torch``, their PyTorch reference.
 
 Float32 products follow ``--matmul-precision`` (torch's setting; default ``high``, fwlab's
 default for runs), for torch's products and the fused kernels alike; cuDNN's LSTM uses TF32
@@ -66,7 +67,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return batch, steps, inputs, hidden
 
 
-def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
+def build(case: str, input_size: int, hidden_size: int, path: str = "eager", device: str = "cpu"):
     import torch
 
     if case == REFERENCE:
@@ -81,7 +82,8 @@ def build(case: str, input_size: int, hidden_size: int, path: str = "eager"):
     pairs = (a.split("=", 1) for a in assignments.split(",") if a)
     overrides = {key: yaml.safe_load(value) for key, value in pairs}  # "28" -> 28
     if _has_kernel_option(cell_cls):
-        overrides.setdefault("kernel", "triton" if path == "fused" else "torch")
+        fused = "triton" if device.startswith("cuda") else "c"
+        overrides.setdefault("kernel", fused if path == "fused" else "torch")
     elif path == "fused":
         raise SystemExit(f"{name} has no fused kernel")
     config = cell_cls.Config(hidden_size=hidden_size, **overrides)
@@ -111,7 +113,7 @@ def measure(
     torch.set_float32_matmul_precision(precision)
     batch, steps, inputs, hidden = parse_shape(shape)
     torch.manual_seed(0)
-    run, module = build(case, inputs, hidden, path)
+    run, module = build(case, inputs, hidden, path, device)
     module.to(device)
     x = torch.randn(batch, steps, inputs, device=device)
     cuda = device.startswith("cuda")
@@ -132,9 +134,9 @@ def measure(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         baseline_cuda = torch.cuda.memory_allocated()
-    if path in ("graph", "fused"):
-        if not cuda:
-            raise SystemExit(f"the {path} path needs CUDA")
+    if path == "graph" and not cuda:
+        raise SystemExit("the graph path needs CUDA")
+    if cuda and path in ("graph", "fused"):  # on the CPU, fused is the C kernel, run eagerly
         once = capture_forward_backward(run, module, x)
     else:
         once = eager
@@ -254,7 +256,9 @@ def main() -> None:
     )
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     parser.add_argument(
-        "--paths", nargs="*", help="eager, graph, fused (default: eager; all three on CUDA)"
+        "--paths",
+        nargs="*",
+        help="eager, graph, fused (default: eager and fused; all three on CUDA)",
     )
     parser.add_argument(
         "--paired",
@@ -278,14 +282,16 @@ def main() -> None:
     from fwlab.registry import Registry
 
     cuda = args.device.startswith("cuda")
-    paths = args.paths or (list(PATHS) if cuda else ["eager"])
+    paths = args.paths or (list(PATHS) if cuda else ["eager", "fused"])
     registry = Registry()
     cells = args.cells or registry.names("cell")
     cases = [REFERENCE, *cells, *[v for v in args.variants if v.split(":")[0] in cells]]
     fused_cells = {name for name in cells if _has_kernel_option(registry.get("cell", name))}
     fused_cases = set()  # the cases whose settings the cell's kernel takes
     if "fused" in paths:
-        fused_cases = {c for c in cases if c.split(":")[0] in fused_cells and _fused_applies(c)}
+        fused_cases = {
+            c for c in cases if c.split(":")[0] in fused_cells and _fused_applies(c, args.device)
+        }
     device_name = _device_name(args.device)
     results = []
     for shape in args.shapes:
@@ -363,11 +369,12 @@ def _print_table(results: list[dict]) -> None:
         print(line)
 
 
-def _fused_applies(case: str) -> bool:
-    """Whether a case's cell can take its kernel with the case's settings (a variant that
-    forces, say, fast weights' matrix form cannot); says why not on stderr."""
+def _fused_applies(case: str, device: str) -> bool:
+    """Whether a case's cell has a kernel for ``device`` and can take it with the case's
+    settings (a variant that forces, say, fast weights' matrix form cannot); says why not on
+    stderr."""
     try:
-        build(case, 1, 8, path="fused")
+        build(case, 1, 8, path="fused", device=device)
     except ValueError as error:
         print(f"{case}: no fused path ({error})", file=sys.stderr)
         return False
@@ -375,7 +382,7 @@ def _fused_applies(case: str) -> bool:
 
 
 def _has_kernel_option(cell_cls) -> bool:
-    """Whether a cell's config has ``kernel`` (a fused path besides its PyTorch code)."""
+    """Whether a cell's config has ``kernel`` (fused paths besides its PyTorch code)."""
     import dataclasses
 
     return "kernel" in {field.name for field in dataclasses.fields(cell_cls.Config)}

@@ -47,6 +47,17 @@ def run_fwlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     )
 
 
+def made_by(tensor: torch.Tensor, node: str, depth: int = 3) -> bool:
+    """Whether autograd made ``tensor`` with the custom Function ``node`` (its class name) within
+    ``depth`` nodes: a cell's outputs may be a view of the node's result."""
+    nodes = [tensor.grad_fn]
+    for _ in range(depth):
+        if any(type(n).__name__ == f"{node}Backward" for n in nodes):
+            return True
+        nodes = [parent for n in nodes if n is not None for parent, _ in n.next_functions]
+    return False
+
+
 def write_executable(path: Path, text: str) -> None:
     """A small script (a fake ``sbatch`` or ``scontrol`` on PATH)."""
     path.write_text(text)

@@ -12,7 +12,7 @@ from .conftest import REPO
 
 def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
     output = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--cells", "irnn",
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--cells", "bn_lstm",
                "--variants", "--shapes", "4x3x2x5", "--min-time", "0.01",
                "--device", "cpu", "--paired", "--json", str(output)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -20,7 +20,8 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
     rows = json.loads(output.read_text())
     assert [(row["cell"], row["path"]) for row in rows] == [
         ("torch.nn.LSTM", "eager"),
-        ("irnn", "eager"),
+        ("bn_lstm", "eager"),
+        ("bn_lstm", "fused"),  # on the CPU: its C kernel
     ]
     for row in rows:
         assert {"cell", "shape", "device", "path", "seq_per_s", "peak_mib", "ratio_vs_lstm"} <= set(
@@ -33,13 +34,17 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
         low, high = row["ratio_vs_lstm_paired_quartiles"]
         assert low <= row["ratio_vs_lstm_paired"] <= high and row["paired_slices"] >= 3
     assert 0.5 < rows[0]["ratio_vs_lstm_paired"] < 2.0
-    assert "vs LSTM" in done.stdout and "irnn" in done.stdout
+    assert "vs LSTM" in done.stdout and "bn_lstm" in done.stdout
 
 
 def test_the_fused_path_is_offered_only_where_the_kernel_takes_the_settings(capsys):
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench._fused_applies("fast_weights") and bench._fused_applies("irnn")
-    assert not bench._fused_applies("fast_weights:form=matrix,checkpoint_every=28")
+    assert bench._fused_applies("fast_weights", "cuda") and bench._fused_applies("irnn", "cuda")
+    assert not bench._fused_applies("fast_weights:form=matrix,checkpoint_every=28", "cuda")
     assert "model.form=matrix" in capsys.readouterr().err
+    # on the CPU the fused path is a C kernel, which bn_lstm has and irnn has not
+    assert bench._fused_applies("bn_lstm", "cpu") and not bench._fused_applies("bn_lstm", "cuda")
+    assert not bench._fused_applies("irnn", "cpu")
+    assert "irnn has no c kernel" in capsys.readouterr().err

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
+from fwlab_plugins.cells.kernels import bn_lstm_cpu
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
+
+from .conftest import made_by
 
 CUDA = torch.cuda.is_available()
 
@@ -106,12 +109,13 @@ def test_training_beyond_max_time_steps_shares_the_last_slot():
     assert cell.input_norm.statistics_index(6) == 2
 
 
-def run_both(x, mode, state_from=None, **overrides):
-    """Outputs, final state, gradients and running statistics of the fused recurrence and of
-    the stepwise reference, from the same weights and statistics (on ``x``'s device)."""
+def run_both(x, mode, state_from=None, kernel="auto", **overrides):
+    """Outputs, final state, gradients and running statistics of the fused recurrence (its steps
+    in ``kernel``) and of the stepwise reference, from the same weights and statistics (on
+    ``x``'s device)."""
     results = []
-    for recurrence in ("fused", "stepwise"):
-        cell = make(recurrence=recurrence, **overrides).to(x.device)
+    for recurrence, cell_kernel in (("fused", kernel), ("stepwise", "torch")):
+        cell = make(recurrence=recurrence, kernel=cell_kernel, **overrides).to(x.device)
         cell.train(mode == "train")
         if mode == "eval":  # population statistics that differ per step
             cell.train()
@@ -124,6 +128,8 @@ def run_both(x, mode, state_from=None, **overrides):
         )
         state = state._replace(h=state.h.requires_grad_(True), c=state.c.requires_grad_(True))
         outputs, final = cell(inputs, state)
+        if recurrence == "fused" and kernel != "auto" and not (mode == "train" and x.shape[0] < 2):
+            assert made_by(outputs, "BNLSTMSequenceC" if kernel == "c" else "BNLSTMSequence")
         weights = torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype, device=x.device)
         loss = (outputs * weights).pow(2).sum()
         loss = loss + (final.c * final.c).sum()
@@ -133,20 +139,28 @@ def run_both(x, mode, state_from=None, **overrides):
     return results
 
 
+NO_C_KERNEL = bn_lstm_cpu.unavailable_reason(torch.device("cpu"), torch.float64)
+C_KERNEL = pytest.mark.skipif(NO_C_KERNEL is not None, reason=f"no C kernel here: {NO_C_KERNEL}")
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize(
     "batch, steps, max_time_steps",
     [(5, 4, 1024), (1, 3, 1024), (6, 7, 3)],  # plain; one sample; steps sharing the last slot
 )
 @pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))],
+    "device, kernel",
+    [
+        ("cpu", "torch"),
+        pytest.param("cpu", "c", marks=C_KERNEL),
+        pytest.param("cuda", "torch", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+    ],
 )
 def test_fused_recurrence_matches_the_stepwise_reference(
-    mode, batch, steps, max_time_steps, device
+    mode, batch, steps, max_time_steps, device, kernel
 ):
     x = torch.randn(batch, steps, 3, dtype=torch.float64).to(device)
-    fused, stepwise = run_both(x, mode, max_time_steps=max_time_steps)
+    fused, stepwise = run_both(x, mode, kernel=kernel, max_time_steps=max_time_steps)
     torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
     for got, want in zip(fused[1], stepwise[1]):  # h, c, time
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -156,7 +170,8 @@ def test_fused_recurrence_matches_the_stepwise_reference(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_recurrence_continues_a_sequence_from_its_state():
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("c", marks=C_KERNEL)])
+def test_fused_recurrence_continues_a_sequence_from_its_state(kernel):
     x = torch.randn(4, 3, 3, dtype=torch.float64)
 
     def later_state(cell):  # two steps in: statistics of steps 2.. are used next
@@ -168,7 +183,7 @@ def test_fused_recurrence_continues_a_sequence_from_its_state():
         return state._replace(h=state.h.detach(), c=state.c.detach())
 
     for mode in ("train", "eval"):
-        fused, stepwise = run_both(x, mode, state_from=later_state)
+        fused, stepwise = run_both(x, mode, state_from=later_state, kernel=kernel)
         torch.testing.assert_close(fused[0], stepwise[0], rtol=1e-10, atol=1e-10)
         for got, want in zip(fused[2], stepwise[2]):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
@@ -205,3 +220,26 @@ def test_sequence_batch_norm_with_a_shift_is_stepwise_norm_plus_the_shift(
     torch.testing.assert_close(out, ref_out)
     for got, want in zip([*grads, *buffers], [*ref_grads, *ref_buffers], strict=True):
         torch.testing.assert_close(got, want)
+
+
+@C_KERNEL
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_c_kernel_passes_gradcheck_in_float64(mode):
+    cell = make(kernel="c")
+    cell.train()
+    train(cell, [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(2)])
+    cell.train(mode == "train")
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    params = list(cell.parameters())
+
+    def run(x, h0, c0, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(  # weights as gradcheck's inputs
+            cell, dict(zip([n for n, _ in cell.named_parameters()], weights))
+        ):
+            state = cell.initial_state(3, dtype=torch.float64)._replace(h=h0, c=c0)
+            outputs, final = cell(x, state)
+        assert made_by(outputs, "BNLSTMSequenceC")
+        return outputs, final.c
+
+    torch.autograd.gradcheck(run, (x, h0, c0, *[p.detach().requires_grad_() for p in params]))

@@ -13,7 +13,9 @@ gate's block, W_x orthogonal. The forget bias starts at ``forget_bias`` (fwlab's
 
 The whole-sequence forward runs the recurrence as one autograd node with a hand-written backward
 (:mod:`.bn_lstm_sequence`); ``model.recurrence=stepwise`` runs autograd through :meth:`step`'s
-code instead, the reference the tests hold it to.
+code instead, the reference the tests hold it to. On the CPU that node does each step's
+element-wise work in one C call (:mod:`.kernels.bn_lstm_cpu`, ``model.kernel=auto|c``), where a
+C compiler is available; ``model.kernel=torch`` keeps its PyTorch code.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import torch
 from torch import nn
 
 from fwlab.cell import Cell, CellConfig
+from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
+from fwlab_plugins.cells.kernels import Kernel, bn_lstm_cpu
 from fwlab_plugins.cells.recurrence import Recurrence, apply_in_full_precision
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
@@ -43,6 +47,8 @@ class BNLSTMConfig(CellConfig):
     momentum: float = 0.1  # running-average weight of each training batch's statistics
     forget_bias: float = 1.0  # initial b of the forget gate
     recurrence: Recurrence = Recurrence.fused  # fused | stepwise (the autograd reference)
+    # the fused node's steps: auto (the C kernel on the CPU where it builds) | c | torch
+    kernel: Kernel = Kernel.auto
 
 
 class BNLSTMCell(Cell):
@@ -52,6 +58,12 @@ class BNLSTMCell(Cell):
 
     def __init__(self, input_size: int, config: BNLSTMConfig) -> None:
         super().__init__(input_size, config)
+        self.kernel = kernels.check_kernel(config.kernel, "bn_lstm", has=(Kernel.c,))
+        if self.kernel is Kernel.c and Recurrence(config.recurrence) is Recurrence.stepwise:
+            raise ValueError(
+                "model.kernel=c runs the fused node's steps: it needs model.recurrence=fused, "
+                "got model.recurrence=stepwise"
+            )
         hidden = config.hidden_size
         self.input_weights = nn.Parameter(torch.empty(4 * hidden, input_size))  # W_x
         self.recurrent_weights = nn.Parameter(torch.eye(hidden).repeat(4, 1))  # W_h, (4H, H)
@@ -92,9 +104,15 @@ class BNLSTMCell(Cell):
         # batch statistics need two sequences: a single one takes the stepwise code
         one_sample = self.training and x.shape[0] < 2
         if Recurrence(self.config.recurrence) is Recurrence.fused and x.shape[1] and not one_sample:
+            dtype = self.recurrent_weights.dtype
+
+            def unavailable() -> str | None:
+                return bn_lstm_cpu.unavailable_reason(input_part.device, dtype)
+
+            in_c = kernels.wants_c(self.kernel, input_part, "bn_lstm", unavailable)
             outputs, c = apply_in_full_precision(
-                BNLSTMSequence,
-                self.recurrent_weights.dtype,
+                bn_lstm_cpu.BNLSTMSequenceC if in_c else BNLSTMSequence,
+                dtype,
                 input_part,
                 self.recurrent_weights,
                 self.recurrent_norm.weight,

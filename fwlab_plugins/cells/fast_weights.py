@@ -115,7 +115,7 @@ class FastWeightsCell(Cell):
             raise ValueError(f"model.checkpoint_every must be >= 0, got {config.checkpoint_every}")
         self.checkpoint_every = config.checkpoint_every
         self.recurrence = Recurrence(config.recurrence)
-        self.kernel = Kernel(config.kernel)
+        self.kernel = kernels.check_kernel(config.kernel, "fast_weights", has=(Kernel.triton,))
         if self.kernel is Kernel.triton and (
             self.form is FastWeightsForm.matrix or self.recurrence is Recurrence.stepwise
         ):

@@ -43,6 +43,7 @@ class IRNNCell(Cell):
 
     def __init__(self, input_size: int, config: IRNNConfig) -> None:
         super().__init__(input_size, config)
+        kernels.check_kernel(config.kernel, "irnn", has=(Kernel.triton,))
         hidden = config.hidden_size
         self.input_weights = nn.Linear(input_size, hidden)  # W_x, b
         self.recurrent_weights = nn.Linear(hidden, hidden, bias=False)  # W_h

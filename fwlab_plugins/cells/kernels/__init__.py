@@ -1,11 +1,12 @@
-"""Fused recurrent kernels (Triton) for the built-in cells, with their availability checks.
+"""Fused recurrent kernels for the built-in cells, with their availability checks.
 
-A kernel runs the whole time loop of a cell in one launch, its recurrent weights loaded on chip
-once, and a matching backward kernel runs the loop in reverse. The weight gradients, sums over
-every step, are then one large matrix product outside the kernel. The cells' plain PyTorch code
-stays the fallback and the reference the kernels are tested against; on the CPU, Triton's
-interpreter (``TRITON_INTERPRET=1``) runs the same kernels, which is how the tests check them
-without a GPU.
+On CUDA a Triton kernel runs the whole time loop of a cell in one launch, its recurrent weights
+loaded on chip once, and a matching backward kernel runs the loop in reverse. The weight
+gradients, sums over every step, are then one large matrix product outside the kernel. On the
+CPU a C kernel (:mod:`.native`) does each step's element-wise work in one call between torch's
+matrix products. The cells' plain PyTorch code stays the fallback and the reference the kernels
+are tested against; on the CPU, Triton's interpreter (``TRITON_INTERPRET=1``) runs the Triton
+kernels, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -18,15 +19,28 @@ from collections.abc import Callable
 from enum import Enum
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 
 class Kernel(str, Enum):
     """A cell's ``model.kernel``: which implementation runs its time loop."""
 
-    auto = "auto"  # the Triton kernel where it runs natively and pays off, else torch
+    auto = "auto"  # the cell's kernel for the device where it runs and pays off, else torch
     triton = "triton"  # the Triton kernel (CUDA, or Triton's CPU interpreter), or an error
+    c = "c"  # the C kernel (CPU), or an error
     torch = "torch"  # the cell's plain PyTorch code, the reference
+
+
+def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
+    """``model.kernel`` as a :class:`Kernel`, or a ``ValueError`` if ``cell`` has no such
+    kernel (``has``: the kernels it has besides ``auto`` and ``torch``)."""
+    kernel = Kernel(kernel)
+    takes = (Kernel.auto, *has, Kernel.torch)
+    if kernel not in takes:
+        raise ValueError(
+            f"model.kernel={kernel.value}: {cell} has no {kernel.value} kernel; "
+            f"it takes {', '.join(k.value for k in takes)}"
+        )
+    return kernel
 
 
 @functools.cache  # asked at every forward pass; a search of sys.path each time is wasted
@@ -57,7 +71,7 @@ def wants_triton(
     importing Triton. Otherwise ``fits_and_slower()`` (which may import the kernel's module)
     is asked, where Triton is installed."""
     kernel = Kernel(kernel)
-    if kernel is Kernel.torch or tensor.shape[1] == 0:
+    if kernel not in (Kernel.auto, Kernel.triton) or tensor.shape[1] == 0:
         return False
     if kernel is Kernel.auto and not tensor.is_cuda:
         return False
@@ -75,14 +89,14 @@ def use_triton(
 ) -> bool:
     """Whether a cell should run its Triton kernel on ``tensor``.
 
-    ``kernel`` is the cell's config value: ``torch`` never; ``auto`` where it runs natively
-    (a CUDA tensor, Triton installed), takes the shape (``fits``) and is the faster choice by
-    the kernel's measurements (``slower``: why it is not, or ``None``); ``triton`` always,
+    ``kernel`` is the cell's config value: ``torch`` (or ``c``) never; ``auto`` where it runs
+    natively (a CUDA tensor, Triton installed), takes the shape (``fits``) and is the faster
+    choice by the kernel's measurements (``slower``: why it is not, or ``None``); ``triton`` always,
     failing with the reason when it cannot. On CUDA, ``auto``'s choice for ``cell`` is logged
     once, with the reason when it is the plain loop.
     """
     kernel = Kernel(kernel)
-    if kernel is Kernel.torch:
+    if kernel not in (Kernel.auto, Kernel.triton):
         return False
     if kernel is Kernel.auto:
         if not tensor.is_cuda:  # the CPU always takes the plain loop: nothing to report
@@ -104,6 +118,27 @@ def use_triton(
     return True
 
 
+def wants_c(
+    kernel: Kernel, tensor: torch.Tensor, cell: str, unavailable: Callable[[], str | None]
+) -> bool:
+    """Whether a cell runs its C kernel on ``tensor`` (B, T, …). ``auto``: on the CPU where it
+    builds and takes the tensor (``unavailable()`` is why not, or ``None``; the choice is
+    logged once); ``c``: always, failing with the reason when it cannot; otherwise not."""
+    kernel = Kernel(kernel)
+    if kernel not in (Kernel.auto, Kernel.c) or tensor.shape[1] == 0:
+        return False
+    if kernel is Kernel.auto:
+        if tensor.device.type != "cpu":
+            return False
+        reason = unavailable()
+        _report_once(f"{cell}: " + (f"plain PyTorch loop ({reason})" if reason else "C kernel"))
+        return reason is None
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"model.kernel=c: {reason}")
+    return True
+
+
 _reported: set[str] = set()
 
 
@@ -118,6 +153,9 @@ def _auto_fallback_reason(fits: bool, slower: str | None) -> str | None:
 
 
 def _report_once(message: str) -> None:
+    # imported here: Lightning takes seconds to import, and a kernel's build needs none of it
+    from lightning.pytorch.utilities import rank_zero_info
+
     if message not in _reported:
         _reported.add(message)
         rank_zero_info(f"fwlab: kernels: {message}")

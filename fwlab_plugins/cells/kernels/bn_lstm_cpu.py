@@ -1,0 +1,163 @@
+"""The BN-LSTM's sequence node on the CPU with each step's element-wise work in C
+(``bn_lstm_cpu.c``, compiled by :mod:`.native`).
+
+It computes what :class:`~fwlab_plugins.cells.bn_lstm_sequence.BNLSTMSequence` computes, with the
+same equations (written out there), and that node stays the reference. Per step, torch runs the
+recurrent product r_t = W_h h_{t-1} (forward) and δh_{t-1} = δr_t W_h (backward), and one C call
+does the rest of the step: at B = 16 the Python node's twenty-odd ATen calls per step cost more
+than the product itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from fwlab_plugins.cells.kernels import native
+from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
+
+SOURCE = Path(__file__).with_name("bn_lstm_cpu.c")
+
+_POINTERS = [
+    "input_part", "recurrent", "activations", "cells", "tanh_n", "hiddens", "c0",
+    "gamma_r", "gamma_c", "beta_c", "mean_r", "rho_r", "mean_c", "rho_c",
+    "stat_mean_r", "stat_var_r", "stat_mean_c", "stat_var_c",
+    "grad_h", "grad_c", "grad_input", "grad_recurrent", "grad_gamma_r", "grad_gamma_c",
+    "grad_beta_c", "scratch",
+]  # fmt: skip
+
+
+_SAVED = {
+    "recurrent", "activations", "cells", "tanh_n", "hiddens", "c0", "gamma_r", "gamma_c",
+    "mean_r", "rho_r", "mean_c", "rho_c",
+}  # fmt: skip
+_Buffers = native.structure(  # BNLSTMBuffers of the C file
+    "BNLSTMBuffers",
+    ["batch", "hidden", "training", "start", "slots"],
+    ["momentum", "eps"],
+    _POINTERS,
+)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the C node cannot run on ``device`` in ``dtype``, or ``None``."""
+    return native.cannot_run(SOURCE, device, dtype)
+
+
+def _statistics(
+    norm: StepwiseBatchNorm, start: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The statistics the C code reads (and in training updates): the running buffers with the
+    rows' start and count, or in evaluation the population's (T, F) with rows 0..T-1."""
+    if norm.training:
+        norm.trained_steps.clamp_(min=start + steps)
+        return norm.running_mean, norm.running_var, start, norm.max_time_steps
+    mean, var = norm.population_statistics(start, steps, norm.running_mean.device)
+    return mean.contiguous(), var.contiguous(), 0, steps
+
+
+class BNLSTMSequenceC(torch.autograd.Function):
+    """``(u (B,T,4H), W_h, γ_h, γ_c, β_c, h_0, c_0) -> (h (B,T,H), c_T)``, the arguments of
+    :class:`~fwlab_plugins.cells.bn_lstm_sequence.BNLSTMSequence`."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        input_part: torch.Tensor,
+        recurrent_weights: torch.Tensor,
+        recurrent_gamma: torch.Tensor,
+        cell_gamma: torch.Tensor,
+        cell_beta: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        recurrent_norm: StepwiseBatchNorm,
+        cell_norm: StepwiseBatchNorm,
+        start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        library = native.load(SOURCE)
+        suffix = native.dtype_suffix(input_part.dtype)
+        batch, steps, four_hidden = input_part.shape
+        hidden = four_hidden // 4
+        new = input_part.new_empty
+        tensors = {
+            "input_part": input_part.transpose(0, 1).contiguous(),  # time-major
+            "recurrent": new(steps, batch, four_hidden),
+            "activations": new(steps, batch, four_hidden),
+            "cells": new(steps, batch, hidden),
+            "tanh_n": new(steps, batch, hidden),
+            "hiddens": new(steps, batch, hidden),
+            "c0": c0.contiguous(),
+            "gamma_r": recurrent_gamma.contiguous(),
+            "gamma_c": cell_gamma.contiguous(),
+            "beta_c": cell_beta.contiguous(),
+            "mean_r": new(steps, four_hidden),
+            "rho_r": new(steps, four_hidden),
+            "mean_c": new(steps, hidden),
+            "rho_c": new(steps, hidden),
+            "scratch": new(2, four_hidden),
+        }
+        mean_r, var_r, start_r, slots_r = _statistics(recurrent_norm, start, steps)
+        mean_c, var_c, start_c, slots_c = _statistics(cell_norm, start, steps)
+        # both norms see the same steps and have the same number of slots
+        assert (start_r, slots_r) == (start_c, slots_c)
+        tensors |= {
+            "stat_mean_r": mean_r, "stat_var_r": var_r,
+            "stat_mean_c": mean_c, "stat_var_c": var_c,
+        }  # fmt: skip
+        settings = (
+            batch, hidden, int(recurrent_norm.training), start_r, slots_r,
+            recurrent_norm.momentum, recurrent_norm.eps,
+        )  # fmt: skip
+        buffers = native.fill(_Buffers, settings, tensors)
+        forward_step = getattr(library, f"bn_lstm_forward_step_{suffix}")
+        recurrent_weights_t = recurrent_weights.T.contiguous()  # MKL's faster layout
+        h, address = h0, ctypes.byref(buffers)
+        for t, (r, h_t) in enumerate(zip(tensors["recurrent"], tensors["hiddens"])):
+            torch.mm(h, recurrent_weights_t, out=r)
+            forward_step(address, t)
+            h = h_t
+        # saved for backward (where a saved-tensors hook may move them: the backward pass takes
+        # their addresses afresh); the statistics and the scratch are not needed there
+        saved = {name: tensor for name, tensor in tensors.items() if name in _SAVED}
+        ctx.settings, ctx.names, ctx.suffix = settings, list(saved), suffix
+        ctx.save_for_backward(recurrent_weights, h0, *saved.values())
+        hiddens = tensors["hiddens"]
+        return hiddens.transpose(0, 1), tensors["cells"][-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_hs: torch.Tensor, grad_c_last: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        recurrent_weights, h0, *saved = ctx.saved_tensors
+        tensors = dict(zip(ctx.names, saved))
+        hiddens = tensors["hiddens"]
+        steps, batch, hidden = hiddens.shape
+        new = hiddens.new_zeros
+        grad_hs = grad_hs.transpose(0, 1).contiguous()
+        grads = {
+            "grad_h": grad_hs[-1].clone(),
+            "grad_c": grad_c_last.contiguous().clone(),
+            "grad_input": new(steps, batch, 4 * hidden),
+            "grad_recurrent": new(steps, batch, 4 * hidden),
+            "grad_gamma_r": new(4 * hidden),
+            "grad_gamma_c": new(hidden),
+            "grad_beta_c": new(hidden),
+            "scratch": new(2, 4 * hidden),
+        }
+        buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
+        backward_step = getattr(native.load(SOURCE), f"bn_lstm_backward_step_{ctx.suffix}")
+        address, grad_h, grad_r = ctypes.byref(buffers), grads["grad_h"], grads["grad_recurrent"]
+        for t in range(steps - 1, 0, -1):
+            backward_step(address, t)
+            # δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1}, into the buffer the next call reads
+            torch.addmm(grad_hs[t - 1], grad_r[t], recurrent_weights, out=grad_h)
+        backward_step(address, 0)
+        grad_h0 = grad_r[0] @ recurrent_weights
+        previous = torch.cat([h0.unsqueeze(0), hiddens[:-1]], dim=0)  # h_{t-1} for every t
+        grad_w = grad_r.reshape(-1, 4 * hidden).T @ previous.reshape(-1, hidden)
+        grad_input = grads["grad_input"].transpose(0, 1).contiguous()
+        return (grad_input, grad_w, grads["grad_gamma_r"], grads["grad_gamma_c"],
+                grads["grad_beta_c"], grad_h0, grads["grad_c"], None, None, None)  # fmt: skip

@@ -1,0 +1,170 @@
+"""C kernels for the CPU: compiled from source with the system's C compiler on first use, cached
+on disk, and called through ``ctypes``.
+
+A C kernel does a cell's element-wise work of one time step in one call, where ATen would make a
+pass over the step's tensors per operation; the matrix products stay with torch (MKL/oneDNN).
+The source is compiled once per dtype (``REAL`` is ``float`` or ``double``; ``NAME(f)`` gives
+``f_float`` or ``f_double``), with ``-ffast-math`` so that the compiler vectorises ``exp``
+through glibc's vector math library. The object is linked without it, so that the library does
+not switch the whole process to flush-to-zero when it is loaded.
+
+The compiled library is cached under ``$FWLAB_KERNEL_CACHE`` (default
+``~/.cache/fwlab/kernels``), keyed by the source, the compiler and the CPU's vector extension,
+so a node of a cluster with another CPU builds its own. Without a compiler the cells run their
+PyTorch code, and ``auto`` says why once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+_DTYPES = {torch.float32: "float", torch.float64: "double"}
+
+
+class NativeKernelUnavailable(RuntimeError):
+    """The C kernel cannot be built or loaded here; the message says why."""
+
+
+def dtype_suffix(dtype: torch.dtype) -> str | None:
+    """``float`` or ``double``: the suffix of a kernel's symbols for tensors of ``dtype``, or
+    ``None`` for a dtype the kernels do not take."""
+    return _DTYPES.get(dtype)
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("FWLAB_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fwlab" / "kernels"
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise NativeKernelUnavailable(f"no C compiler ({compiler!r} is not on PATH; set CC)")
+    return compiler
+
+
+def _vector_flags() -> list[str]:
+    """The widest vector extension torch itself uses on this CPU (x86 only; elsewhere the
+    compiler's default target)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def _wrapper(source: Path) -> str:
+    """The source included once per dtype."""
+    parts = []
+    for real in _DTYPES.values():
+        parts += [
+            f"#define REAL {real}",
+            f"#define NAME(x) x##_{real}",
+            f'#include "{source.resolve()}"',
+            "#undef REAL",
+            "#undef NAME",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip()[-2000:]
+        raise NativeKernelUnavailable(f"{' '.join(command[:2])} … failed:\n{message}")
+
+
+@functools.cache
+def load(source: Path) -> ctypes.CDLL:
+    """The compiled library of C file ``source``, built (into the cache) if it is not yet.
+
+    Raises :class:`NativeKernelUnavailable` with the compiler's message if it cannot be built."""
+    compiler = _compiler()
+    flags = ["-O3", "-std=c11", "-fPIC", "-ffast-math", *_vector_flags()]
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), compiler, version, *flags]).encode()
+    ).hexdigest()[:16]
+    library = cache_dir() / f"{source.stem}-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as build:
+            wrapper, obj = Path(build, "kernel.c"), Path(build, "kernel.o")
+            wrapper.write_text(_wrapper(source))
+            _run([compiler, *flags, "-c", str(wrapper), "-o", str(obj)])
+            built = Path(build, library.name)
+            _run([compiler, "-shared", str(obj), "-o", str(built), "-lm"])
+            os.replace(built, library)  # atomic: processes building at once (DDP ranks) agree
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError as error:
+        raise NativeKernelUnavailable(f"cannot load {library}: {error}") from error
+
+
+@functools.cache
+def unavailable_reason(source: Path) -> str | None:
+    """Why ``source``'s kernel cannot run here, or ``None`` if it can (building it if needed)."""
+    try:
+        load(source)
+    except NativeKernelUnavailable as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def structure(
+    name: str, ints: Sequence[str], doubles: Sequence[str], pointers: Sequence[str]
+) -> type[ctypes.Structure]:
+    """The ctypes twin of a kernel's argument struct, whose C declaration lists ``int64_t``
+    fields, then ``double`` ones, then pointers, in these orders."""
+    fields = [(field, ctypes.c_int64) for field in ints]
+    fields += [(field, ctypes.c_double) for field in doubles]
+    fields += [(field, ctypes.c_void_p) for field in pointers]
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+def fill(
+    struct: type[ctypes.Structure],
+    settings: Sequence[int | float],
+    tensors: dict[str, torch.Tensor],
+) -> ctypes.Structure:
+    """An argument struct of type ``struct``: its numbers from ``settings`` in order, its
+    pointers the addresses of ``tensors`` by field name (NULL for a field not given)."""
+    pointers = [field for field, kind in struct._fields_ if kind is ctypes.c_void_p]
+    return struct(*settings, *[pointer(tensors.get(field)) for field in pointers])
+
+
+def cannot_run(source: Path, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``source``'s kernel cannot run on ``device`` in ``dtype``, or ``None`` (building it
+    on first use)."""
+    if device.type != "cpu":
+        return f"the C kernel runs on the CPU, not {device.type}"
+    if dtype_suffix(dtype) is None:
+        return f"the C kernel takes float32 or float64, not {dtype}"
+    return unavailable_reason(source)
+
+
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    """The address of a contiguous CPU tensor's data, for a C kernel's argument struct."""
+    if tensor is None:
+        return None
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("a C kernel takes contiguous CPU tensors")
+    return tensor.data_ptr()

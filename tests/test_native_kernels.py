@@ -1,0 +1,69 @@
+"""The C kernels' build (fwlab_plugins.cells.kernels.native): compiled once into the cache and
+reused, a missing or failing compiler reported (``auto`` falls back, ``c`` fails), and the
+process's floating-point mode left as it was."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
+from fwlab_plugins.cells.kernels import bn_lstm_cpu, native
+
+from .conftest import made_by
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason(bn_lstm_cpu.SOURCE) is not None, reason="no C compiler here"
+)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """An empty kernel cache, and no library loaded by this process yet."""
+    monkeypatch.setenv("FWLAB_KERNEL_CACHE", str(tmp_path))
+    native.load.cache_clear()
+    native.unavailable_reason.cache_clear()
+    yield tmp_path
+    native.load.cache_clear()  # the next test loads from its own settings
+    native.unavailable_reason.cache_clear()
+
+
+def test_a_kernel_is_built_once_into_the_cache_and_reused_by_another_process(fresh_build):
+    native.load(bn_lstm_cpu.SOURCE)
+    (library,) = fresh_build.iterdir()  # the library alone: no build folder left behind
+    assert library.name.startswith("bn_lstm_cpu-") and library.suffix == ".so"
+    built = library.stat().st_mtime_ns
+    # the other process also checks that loading the library keeps denormal numbers (linking
+    # with -ffast-math would switch the whole process to flush-to-zero)
+    code = (
+        "import torch; from fwlab_plugins.cells.kernels import bn_lstm_cpu, native; "
+        "native.load(bn_lstm_cpu.SOURCE); print((torch.tensor([1e-38]) / 100).item())"
+    )
+    env = {**os.environ, "FWLAB_KERNEL_CACHE": str(fresh_build)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert list(fresh_build.iterdir()) == [library] and library.stat().st_mtime_ns == built
+    assert float(done.stdout) == pytest.approx(1e-40, rel=1e-3)  # not flushed to 0
+
+
+@pytest.mark.parametrize(
+    "compiler, reason",
+    [("no-such-cc", "no C compiler ('no-such-cc' is not on PATH"), ("false", "false -O3 … failed")],
+)
+def test_without_a_working_compiler_auto_runs_torch_and_c_says_why(
+    fresh_build, monkeypatch, caplog, compiler, reason
+):
+    monkeypatch.setenv("CC", compiler)
+    x = torch.randn(4, 3, 2)
+    with caplog.at_level(logging.INFO):
+        outputs, _ = BNLSTMCell(2, BNLSTMConfig(hidden_size=5))(x)  # kernel=auto
+    assert made_by(outputs, "BNLSTMSequence") and not made_by(outputs, "BNLSTMSequenceC")
+    assert f"bn_lstm: plain PyTorch loop ({reason}" in caplog.text
+    with pytest.raises(RuntimeError, match=r"model\.kernel=c: " + reason.split("(")[0]):
+        BNLSTMCell(2, BNLSTMConfig(hidden_size=5, kernel="c"))(x)
+    assert not list(fresh_build.glob("*.so"))
