@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from fwlab_plugins.cells import lru_addressing as addressing
+from fwlab_plugins.cells.kernels import lru_ntm_cpu
 from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig
+
+from .conftest import made_by
 
 N, W, R, H = 6, 3, 2, 5
 
@@ -59,8 +65,14 @@ def naive_reference(cell: LRUNTMCell, x: torch.Tensor):
     return torch.stack(outputs), torch.stack(usages)
 
 
-def test_matches_the_naive_reference_in_float64():
-    cell = make()
+NO_C_KERNEL = lru_ntm_cpu.unavailable_reason(torch.device("cpu"), torch.float64)
+C_KERNEL = pytest.mark.skipif(NO_C_KERNEL is not None, reason=f"no C kernel here: {NO_C_KERNEL}")
+KERNELS = ["torch", pytest.param("c", marks=C_KERNEL)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matches_the_naive_reference_in_float64(kernel):
+    cell = make(kernel=kernel)
     x = torch.randn(3, 7, 2, dtype=torch.float64)
     with torch.no_grad():
         outputs, state = cell(x)
@@ -190,3 +202,73 @@ def test_cosine_similarity_gradients_match_autograd_with_a_cleared_slot():
     assert torch.autograd.gradcheck(
         addressing.cosine_similarity, (keys, memory.detach().add(0.1).requires_grad_())
     )
+
+
+def random_state(cell, batch: int, generator: torch.Generator):
+    """A state in the middle of an episode: memory with a cleared slot, usages with ties."""
+    state = cell.initial_state(batch, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    memory = randn(batch, N, W)
+    memory[0, 2] = 0.0
+    usage = torch.rand(batch, N, dtype=torch.float64, generator=generator)
+    usage[1, :3] = usage[1, 3]  # four equal usages: the ties go by slot index
+    read_weights = torch.softmax(randn(batch, R, N), dim=-1)
+    return state._replace(
+        h=randn(batch, H), c=randn(batch, H), memory=memory, read_weights=read_weights,
+        usage=usage, reads=randn(batch, R, W),
+    )  # fmt: skip
+
+
+def outputs_state_and_gradients(cell, x, state):
+    state = type(state)(*[tensor.clone().requires_grad_() for tensor in state])
+    inputs = x.clone().requires_grad_()
+    outputs, final = cell(inputs, state)
+    generator = torch.Generator().manual_seed(2)
+    loss = (outputs * torch.linspace(-1, 1, outputs.shape[-1], dtype=x.dtype)).pow(2).sum()
+    for tensor in final:  # every part of the final state is differentiated too
+        loss = loss + (tensor * torch.randn(tensor.shape, dtype=x.dtype, generator=generator)).sum()
+    gradients = torch.autograd.grad(loss, [inputs, *state, *cell.parameters()])
+    return outputs, final, gradients
+
+
+@C_KERNEL
+@pytest.mark.parametrize("start", ["fresh", "continued"])
+def test_c_kernel_matches_the_reference_in_outputs_state_and_gradients(start):
+    reference = make(kernel="torch")
+    fused = LRUNTMCell(2, dataclasses.replace(reference.config, kernel="c")).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, 2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    state = (
+        random_state(reference, 3, generator)
+        if start == "continued"
+        else reference.initial_state(3, dtype=torch.float64)
+    )
+    want = outputs_state_and_gradients(reference, x, state)
+    got = outputs_state_and_gradients(fused, x, state)
+    assert made_by(got[0], "LRUNTMSequenceC") and not made_by(want[0], "LRUNTMSequenceC")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for got_part, want_part in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(got_part, want_part, rtol=1e-10, atol=1e-10)
+    for got_grad, want_grad in zip(got[2], want[2], strict=True):  # x, the state, the weights
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
+
+
+@C_KERNEL
+def test_c_kernel_passes_gradcheck_in_float64():
+    cell = make(kernel="c")
+    x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    state = random_state(cell, 2, torch.Generator().manual_seed(3))
+    names = [name for name, _ in cell.named_parameters()]
+
+    def run(x, memory, read_weights, *weights):
+        with torch.nn.utils.stateless._reparametrize_module(cell, dict(zip(names, weights))):
+            outputs, final = cell(x, state._replace(memory=memory, read_weights=read_weights))
+        assert made_by(outputs, "LRUNTMSequenceC")
+        return outputs, final.memory, final.usage
+
+    inputs = [state.memory, state.read_weights, *[p.detach() for p in cell.parameters()]]
+    torch.autograd.gradcheck(run, (x, *[tensor.requires_grad_() for tensor in inputs]))

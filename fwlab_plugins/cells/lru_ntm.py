@@ -19,6 +19,10 @@ The controller is ``nn.LSTMCell``'s parameters with its equations written out: t
 the gates, W_x x_t + b, is one product over all steps, and the per-step products (of [r_{t-1},
 h_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
 whose weight gradients are one product over all steps too.
+
+On the CPU the whole sequence runs as one autograd node whose per-step work besides the two
+products is C code (:mod:`.kernels.lru_ntm_cpu`, ``model.kernel=auto|c``), where a C compiler is
+available; ``model.kernel=torch`` keeps the code below, the reference the tests hold it to.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ from torch import nn
 
 from fwlab.cell import Cell, CellConfig
 from fwlab.stepwise_linear import StepwiseLinear
+from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells import lru_addressing as addressing
+from fwlab_plugins.cells.kernels import Kernel, lru_ntm_cpu
+from fwlab_plugins.cells.recurrence import apply_in_full_precision
 
 
 class LRUNTMState(NamedTuple):
@@ -51,6 +58,8 @@ class LRUNTMConfig(CellConfig):
     memory_width: int = 40  # W
     read_heads: int = 4  # R; also n, the number of least-used slots
     usage_decay: float = 0.95  # γ
+    # the time loop: auto (the C kernel on the CPU where it builds) | c | torch (the reference)
+    kernel: Kernel = Kernel.auto
 
 
 class LRUNTMCell(Cell):
@@ -60,6 +69,7 @@ class LRUNTMCell(Cell):
 
     def __init__(self, input_size: int, config: LRUNTMConfig) -> None:
         super().__init__(input_size, config)
+        self.kernel = kernels.check_kernel(config.kernel, "lru_ntm", has=(Kernel.c,))
         heads, width = config.read_heads, config.memory_width
         if not 1 <= heads <= config.memory_slots:
             raise ValueError(
@@ -99,10 +109,26 @@ class LRUNTMCell(Cell):
     ) -> tuple[torch.Tensor, LRUNTMState]:
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
+        input_part = self._input_part(x)
+        dtype = self.controller.weight_hh.dtype
+
+        def unavailable() -> str | None:
+            return lru_ntm_cpu.unavailable_reason(input_part.device, dtype)
+
+        if kernels.wants_c(self.kernel, input_part, "lru_ntm", unavailable):
+            outputs, *final = apply_in_full_precision(
+                lru_ntm_cpu.LRUNTMSequenceC,
+                dtype,
+                input_part,
+                *self._step_weights(),
+                *state,
+                self.config.usage_decay,
+            )
+            return outputs, LRUNTMState(*final)
         products = self._step_products()
         outputs = []
-        for input_part in self._input_part(x).unbind(1):  # unbind, not slices: O(T) backward
-            output, state = self._advance(input_part, state, products)
+        for input_t in input_part.unbind(1):  # unbind, not slices: O(T) backward
+            output, state = self._advance(input_t, state, products)
             outputs.append(output)
         return torch.stack(outputs, dim=1), state
 
@@ -115,12 +141,18 @@ class LRUNTMCell(Cell):
         weight = controller.weight_ih[:, : self.input_size]
         return F.linear(x, weight, controller.bias_ih + controller.bias_hh)
 
-    def _step_products(self) -> tuple[StepwiseLinear, StepwiseLinear]:
-        """The per-step linear maps of one pass: [r_{t-1}, h_{t-1}] -> gates, h_t -> (k, α)."""
+    def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights of the per-step products: [r_{t-1}, h_{t-1}] -> gates (W_rec), and
+        h_t -> (k̃, α) (W_head, b_head)."""
         controller = self.controller
         recurrent = torch.cat([controller.weight_ih[:, self.input_size :], controller.weight_hh], 1)
         heads = torch.cat([self.key_layer.weight, self.gate_layer.weight])
         head_bias = torch.cat([self.key_layer.bias, self.gate_layer.bias])
+        return recurrent, heads, head_bias
+
+    def _step_products(self) -> tuple[StepwiseLinear, StepwiseLinear]:
+        """The per-step linear maps of one pass: [r_{t-1}, h_{t-1}] -> gates, h_t -> (k̃, α)."""
+        recurrent, heads, head_bias = self._step_weights()
         return StepwiseLinear(recurrent), StepwiseLinear(heads, head_bias)
 
     def _advance(

@@ -1,0 +1,290 @@
+/* The LRU-NTM's per-step work besides its matrix products, on the CPU, forward and backward
+ * (see lru_ntm_cpu.py for how the steps are driven, and lru_ntm.py / lru_addressing.py for the
+ * equations, which this file follows line by line).
+ *
+ * Per step the driver calls, in order: torch's controller product, controller_forward_step,
+ * torch's head product, memory_forward_step; backward: memory_backward_step, torch's head
+ * product, controller_backward_step, torch's controller product. The memory step works one
+ * sequence at a time, so that its memory (N x W) stays in L1 through all its passes, where the
+ * batched ATen code streamed the whole batch's memory from DRAM once per operation.
+ *
+ * Sizes: B batch, H controller units, R heads, N slots, W width; Z = R·W + H is the controller's
+ * recurrent input [r_{t-1}, h_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
+ * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
+ * The file is compiled once per dtype: REAL is float or double, NAME(x) suffixes the symbol.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <tgmath.h> /* exp, sqrt in REAL: expf and sqrtf for float */
+
+#define COSINE_EPS 1e-8 /* lru_addressing.COSINE_EPS */
+
+typedef struct {
+    int64_t batch, hidden, heads, slots, width;
+    double usage_decay; /* γ */
+    REAL *gates;        /* (T, B, 4H): the driver's pre-activations, then σ(i), σ(f), tanh(g), σ(o) */
+    REAL *cells;        /* c, (T+1, B, H) */
+    REAL *tanh_c;       /* tanh(c_t), (T, B, H) */
+    REAL *z;            /* [r_t, h_t], (T+1, B, Z) */
+    REAL *head;         /* (T, B, E): the driver's [k̃, α], then [k = tanh k̃, σ(α)] */
+    REAL *memory;       /* M, (T+1, B, W, N): slot-minor, see memory_forward_step */
+    REAL *read_weights; /* w^r, (T+1, B, R, N) */
+    REAL *write_weights;/* w^w, (T, B, R, N) */
+    REAL *usage;        /* w^u, (T+1, B, N) */
+    REAL *key_norms;    /* ‖k‖, (T, B, R) */
+    REAL *slot_norms;   /* ‖M_{t+1}(i)‖, (T, B, N) */
+    int64_t *least_used;/* the R least-used slots of w^u_t, least first, (T, B, R) */
+    /* backward: carried gradients of the state after the step being undone */
+    REAL *grad_z;       /* δ[r_t, h_t], (T+1, B, Z): the outputs' on entry, products' added */
+    REAL *grad_c;       /* δc, (B, H) */
+    REAL *grad_memory;  /* δM, (B, W, N) */
+    REAL *grad_read_weights; /* δw^r, (B, R, N) */
+    REAL *grad_usage;   /* δw^u, (B, N) */
+    REAL *grad_gates;   /* δ of the pre-activations, (T, B, 4H) */
+    REAL *grad_head;    /* δ[k̃, α], (T, B, E) */
+    REAL *scratch;      /* (3·R·N + N + R·W + 2·R) */
+} NAME(LRUNTMBuffers);
+
+static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
+static inline REAL NAME(tanh_)(REAL x) { return (REAL)2 / ((REAL)1 + exp(-2 * x)) - (REAL)1; }
+
+static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
+    REAL sum = 0;
+    for (int64_t j = 0; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+/* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
+void NAME(lru_ntm_controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+    const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
+    for (int64_t b = 0; b < B; b++) {
+        REAL *a = p->gates + (t * B + b) * 4 * H;
+        const REAL *c_before = p->cells + (t * B + b) * H;
+        REAL *c = p->cells + ((t + 1) * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;
+        REAL *h = p->z + ((t + 1) * B + b) * Z + p->heads * p->width;
+        for (int64_t k = 0; k < 2 * H; k++) a[k] = NAME(sigmoid)(a[k]);
+        for (int64_t k = 2 * H; k < 3 * H; k++) a[k] = NAME(tanh_)(a[k]);
+        for (int64_t k = 3 * H; k < 4 * H; k++) a[k] = NAME(sigmoid)(a[k]);
+        for (int64_t k = 0; k < H; k++) {
+            c[k] = a[H + k] * c_before[k] + a[k] * a[2 * H + k];
+            tc[k] = NAME(tanh_)(c[k]);
+            h[k] = a[3 * H + k] * tc[k];
+        }
+    }
+}
+
+/* The R smallest usages, least first, ties to the lower slot (a stable sort's order): one pass
+ * keeping the smallest so far in order, a slot entering only below the largest of them. */
+static void NAME(least_used_slots)(const REAL *usage, int64_t slots, int64_t count,
+                                   int64_t *chosen) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < slots; i++) {
+        if (kept == count && !(usage[i] < usage[chosen[count - 1]])) continue;
+        int64_t n = kept < count ? kept++ : count - 1;
+        for (; n > 0 && usage[i] < usage[chosen[n - 1]]; n--) chosen[n] = chosen[n - 1];
+        chosen[n] = i;
+    }
+}
+
+/* Keys and gates from the head layer, the LRU write, the content reads and the usage.
+ *
+ * The memory is slot-minor, (W, N) per sequence: every pass runs along the N slots of one
+ * feature, so the write, the slot norms and the keys' dot products are one pass over the
+ * memory with no horizontal sums (slot-major rows of W = 40 would need one per slot and head). */
+void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+    const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
+    const int64_t Z = R * W + p->hidden, E = R * W + R;
+    const REAL gamma = (REAL)p->usage_decay;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t tb = t * B + b, next = (t + 1) * B + b;
+        REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
+        const REAL *usage = p->usage + tb * N, *read_before = p->read_weights + tb * R * N;
+        const REAL *memory_before = p->memory + tb * W * N;
+        REAL *memory = p->memory + next * W * N, *reads = p->z + next * Z;
+        REAL *write = p->write_weights + tb * R * N, *read = p->read_weights + next * R * N;
+        REAL *usage_after = p->usage + next * N;
+        REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
+        int64_t *least = p->least_used + tb * R;
+        for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
+        for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
+        NAME(least_used_slots)(usage, N, R, least);
+        /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu_{t-1} */
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t i = 0; i < N; i++) write[r * N + i] = mix[r] * read_before[r * N + i];
+            for (int64_t n = 0; n < R; n++) write[r * N + least[n]] += (REAL)1 - mix[r];
+        }
+        /* M_t = M_{t-1}, least-used slot cleared, + Σ_r w^w_r k_rᵀ; with ‖M_t(i)‖² and k_r·M_t(i)
+         * (the latter summed into w^r_t's place) in the same pass */
+        for (int64_t i = 0; i < N; i++) slot_norms[i] = 0;
+        for (int64_t j = 0; j < R * N; j++) read[j] = 0;
+        for (int64_t j = 0; j < W; j++) {
+            const REAL *before = memory_before + j * N;
+            REAL *row = memory + j * N;
+            for (int64_t i = 0; i < N; i++) row[i] = before[i];
+            row[least[0]] = 0;
+            for (int64_t r = 0; r < R; r++) {
+                const REAL key = keys[r * W + j];
+                const REAL *weights = write + r * N;
+                for (int64_t i = 0; i < N; i++) row[i] += weights[i] * key;
+            }
+            for (int64_t i = 0; i < N; i++) slot_norms[i] += row[i] * row[i];
+            for (int64_t r = 0; r < R; r++) {
+                const REAL key = keys[r * W + j];
+                REAL *dots = read + r * N;
+                for (int64_t i = 0; i < N; i++) dots[i] += key * row[i];
+            }
+        }
+        for (int64_t i = 0; i < N; i++) slot_norms[i] = sqrt(slot_norms[i]);
+        for (int64_t r = 0; r < R; r++)
+            key_norms[r] = sqrt(NAME(dot)(keys + r * W, keys + r * W, W));
+        /* w^r = softmax_i K(k_r, M(i)), K = k·M(i) / (‖k‖ ‖M(i)‖ + ε) */
+        for (int64_t r = 0; r < R; r++) {
+            REAL *weights = read + r * N, largest = 0, total = 0;
+            for (int64_t i = 0; i < N; i++) {
+                weights[i] /= key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS;
+                largest = i == 0 || weights[i] > largest ? weights[i] : largest;
+            }
+            for (int64_t i = 0; i < N; i++) total += weights[i] = exp(weights[i] - largest);
+            for (int64_t i = 0; i < N; i++) weights[i] /= total;
+        }
+        /* r_t = Σ_i w^r(i) M(i) */
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < W; j++) reads[r * W + j] = NAME(dot)(read + r * N, memory + j * N, N);
+        /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t */
+        for (int64_t i = 0; i < N; i++) {
+            REAL sum = gamma * usage[i];
+            for (int64_t r = 0; r < R; r++) sum += read[r * N + i] + write[r * N + i];
+            usage_after[i] = sum;
+        }
+    }
+}
+
+/* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
+ * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
+ * the carried gradients of the state before the step in place. Two passes over the memory:
+ * the reads' backward (with k·M(i) recomputed), then the cosine's and the write's. */
+void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+    const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
+    const int64_t Z = R * W + p->hidden, E = R * W + R;
+    const REAL gamma = (REAL)p->usage_decay;
+    REAL *grad_write = p->scratch, *dots = grad_write + R * N;       /* (R, N) each */
+    REAL *grad_dots = dots + R * N, *slot_scale = grad_dots + R * N; /* (R, N), (N) */
+    REAL *grad_keys = slot_scale + N, *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t tb = t * B + b, next = (t + 1) * B + b;
+        const REAL *keys = p->head + tb * E, *mix = keys + R * W;
+        const REAL *memory = p->memory + next * W * N, *read = p->read_weights + next * R * N;
+        const REAL *read_before = p->read_weights + tb * R * N;
+        const REAL *write = p->write_weights + tb * R * N;
+        const REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
+        const int64_t *least = p->least_used + tb * R;
+        const REAL *grad_reads = p->grad_z + next * Z;
+        REAL *grad_memory = p->grad_memory + b * W * N;
+        REAL *grad_read = p->grad_read_weights + b * R * N, *grad_usage = p->grad_usage + b * N;
+        REAL *grad_head = p->grad_head + tb * E;
+        /* usage: δw^r += δw^u, δw^w = δw^u */
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = 0; i < N; i++) {
+                grad_write[r * N + i] = grad_usage[i];
+                grad_read[r * N + i] += grad_usage[i];
+                dots[r * N + i] = 0;
+            }
+        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; and k·M(i) again */
+        for (int64_t j = 0; j < W; j++) {
+            const REAL *row = memory + j * N;
+            REAL *grad_row = grad_memory + j * N;
+            for (int64_t r = 0; r < R; r++) {
+                const REAL grad = grad_reads[r * W + j], key = keys[r * W + j];
+                const REAL *weights = read + r * N;
+                REAL *grad_weights = grad_read + r * N, *dot = dots + r * N;
+                for (int64_t i = 0; i < N; i++) {
+                    grad_weights[i] += grad * row[i];
+                    grad_row[i] += weights[i] * grad;
+                    dot[i] += key * row[i];
+                }
+            }
+        }
+        /* softmax, then the cosine K = dot / D, D = ‖k‖ ‖M(i)‖ + ε: δdot = δK / D, and
+         * δD = −δK dot / D² into δ‖k‖ and δ‖M(i)‖, kept as the scales of k and M(i) */
+        for (int64_t i = 0; i < N; i++) slot_scale[i] = 0;
+        for (int64_t r = 0; r < R; r++) {
+            const REAL *weights = read + r * N, *grad_weights = grad_read + r * N;
+            const REAL *dot = dots + r * N;
+            const REAL inner = NAME(dot)(weights, grad_weights, N);
+            REAL grad_key_norm = 0;
+            for (int64_t i = 0; i < N; i++) {
+                const REAL denominator = key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS;
+                const REAL grad_score = weights[i] * (grad_weights[i] - inner); /* δK */
+                const REAL grad_denominator = -grad_score * dot[i] / (denominator * denominator);
+                grad_dots[r * N + i] = grad_score / denominator;
+                grad_key_norm += grad_denominator * slot_norms[i];
+                slot_scale[i] += grad_denominator * key_norms[r];
+            }
+            /* ∂‖k‖/∂k = k/‖k‖, and 0 at k = 0 (autograd's norm) */
+            key_scale[r] = key_norms[r] > 0 ? grad_key_norm / key_norms[r] : 0;
+        }
+        for (int64_t i = 0; i < N; i++) /* the same for a cleared slot, ‖M(i)‖ = 0 */
+            slot_scale[i] = slot_norms[i] > 0 ? slot_scale[i] / slot_norms[i] : 0;
+        /* the cosine's δM and δk; then, with δM_t complete, the write M_t(i) += Σ_r w^w_r(i) k_r:
+         * δw^w_r(i) += δM(i)·k_r, δk_r += Σ_i w^w_r(i) δM(i); then the cleared slot's δ is 0 */
+        for (int64_t j = 0; j < W; j++) {
+            const REAL *row = memory + j * N;
+            REAL *grad_row = grad_memory + j * N;
+            for (int64_t i = 0; i < N; i++) grad_row[i] += slot_scale[i] * row[i];
+            for (int64_t r = 0; r < R; r++) {
+                const REAL key = keys[r * W + j];
+                const REAL *grad_dot = grad_dots + r * N;
+                REAL sum = 0;
+                for (int64_t i = 0; i < N; i++) {
+                    sum += grad_dot[i] * row[i];
+                    grad_row[i] += grad_dot[i] * key;
+                }
+                grad_keys[r * W + j] = sum + key_scale[r] * key;
+            }
+            for (int64_t r = 0; r < R; r++) {
+                const REAL key = keys[r * W + j];
+                const REAL *weights = write + r * N;
+                REAL *grad_weights = grad_write + r * N, sum = 0;
+                for (int64_t i = 0; i < N; i++) {
+                    grad_weights[i] += grad_row[i] * key;
+                    sum += weights[i] * grad_row[i];
+                }
+                grad_keys[r * W + j] += sum;
+            }
+            grad_row[least[0]] = 0;
+        }
+        /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu: δσ(α), and δw^r_{t-1} replaces δw^r_t */
+        for (int64_t r = 0; r < R; r++) {
+            REAL sum = NAME(dot)(grad_write + r * N, read_before + r * N, N);
+            for (int64_t n = 0; n < R; n++) sum -= grad_write[r * N + least[n]];
+            grad_mix[r] = sum;
+            for (int64_t i = 0; i < N; i++) grad_read[r * N + i] = mix[r] * grad_write[r * N + i];
+        }
+        for (int64_t i = 0; i < N; i++) grad_usage[i] *= gamma;
+        for (int64_t j = 0; j < R * W; j++)
+            grad_head[j] = grad_keys[j] * ((REAL)1 - keys[j] * keys[j]);
+        for (int64_t r = 0; r < R; r++)
+            grad_head[R * W + r] = grad_mix[r] * mix[r] * ((REAL)1 - mix[r]);
+    }
+}
+
+/* Step t of the controller backward: δh_t (grad_z[t+1]'s h part, the head product's added) and
+ * the carried δc into the pre-activations' δ (grad_gates[t]) and δc_{t-1} in place. */
+void NAME(lru_ntm_controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+    const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
+    for (int64_t b = 0; b < B; b++) {
+        const REAL *a = p->gates + (t * B + b) * 4 * H;
+        const REAL *c_before = p->cells + (t * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;
+        const REAL *grad_h = p->grad_z + ((t + 1) * B + b) * Z + p->heads * p->width;
+        REAL *grad_c = p->grad_c + b * H, *g = p->grad_gates + (t * B + b) * 4 * H;
+        for (int64_t k = 0; k < H; k++) {
+            const REAL i = a[k], f = a[H + k], cand = a[2 * H + k], o = a[3 * H + k];
+            const REAL dc = grad_c[k] + grad_h[k] * o * ((REAL)1 - tc[k] * tc[k]);
+            g[k] = dc * cand * i * ((REAL)1 - i);
+            g[H + k] = dc * c_before[k] * f * ((REAL)1 - f);
+            g[2 * H + k] = dc * i * ((REAL)1 - cand * cand);
+            g[3 * H + k] = grad_h[k] * tc[k] * o * ((REAL)1 - o);
+            grad_c[k] = dc * f;
+        }
+    }
+}

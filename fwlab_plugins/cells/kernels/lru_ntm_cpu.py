@@ -1,0 +1,197 @@
+"""The LRU-NTM's whole sequence as one autograd node on the CPU, its per-step work besides the
+matrix products in C (``lru_ntm_cpu.c``, compiled by :mod:`.native`).
+
+It computes what :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMCell`'s step-by-step code computes
+(the equations are in :mod:`~fwlab_plugins.cells.lru_ntm` and :mod:`~fwlab_plugins.cells.
+lru_addressing`), which stays the reference. Per step, torch runs the two products,
+
+    gates_t = u_t + [r_{t-1}, h_{t-1}] W_recᵀ          (u_t = W_x x_t + b, for all t beforehand)
+    [k̃_t, α_t] = h_t W_headᵀ + b_head
+
+and the C code the rest: the LSTM update, then one sequence at a time the LRU write, the content
+reads and the usage, with the sequence's memory in L1. The backward pass runs the steps in
+reverse with the derivatives written out (the selections of least-used slots carry no gradient,
+as in the reference); the weight gradients, sums over steps, are one product each at the end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from fwlab_plugins.cells.kernels import native
+
+SOURCE = Path(__file__).with_name("lru_ntm_cpu.c")
+
+_POINTERS = [
+    "gates", "cells", "tanh_c", "z", "head", "memory", "read_weights", "write_weights", "usage",
+    "key_norms", "slot_norms", "least_used",
+    "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
+    "grad_head", "scratch",
+]  # fmt: skip
+_UNSAVED = {"usage", "scratch"}
+_Buffers = native.structure(  # LRUNTMBuffers of the C file
+    "LRUNTMBuffers", ["batch", "hidden", "heads", "slots", "width"], ["usage_decay"], _POINTERS
+)
+
+
+def _scratch_size(heads: int, slots: int, width: int) -> int:
+    return 3 * heads * slots + slots + heads * width + 2 * heads
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the C node cannot run on ``device`` in ``dtype``, or ``None``."""
+    return native.cannot_run(SOURCE, device, dtype)
+
+
+class LRUNTMSequenceC(torch.autograd.Function):
+    """``(u (B,T,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0, c_0, M_0, w^r_0, w^u_0,
+    r_0, γ) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T, w^u_T, r_T)``, the state as
+    :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        input_part: torch.Tensor,
+        recurrent_weights: torch.Tensor,
+        head_weights: torch.Tensor,
+        head_bias: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        memory0: torch.Tensor,
+        read_weights0: torch.Tensor,
+        usage0: torch.Tensor,
+        reads0: torch.Tensor,
+        usage_decay: float,
+    ) -> tuple[torch.Tensor, ...]:
+        library = native.load(SOURCE)
+        suffix = native.dtype_suffix(input_part.dtype)
+        batch, steps, four_hidden = input_part.shape
+        hidden = four_hidden // 4
+        _, heads, slots = read_weights0.shape
+        width = memory0.shape[-1]
+        reads_size = heads * width
+        new = input_part.new_empty
+        tensors = {
+            "gates": new(steps, batch, four_hidden),
+            "cells": new(steps + 1, batch, hidden),
+            "tanh_c": new(steps, batch, hidden),
+            "z": new(steps + 1, batch, reads_size + hidden),
+            "head": new(steps, batch, reads_size + heads),
+            "memory": new(steps + 1, batch, width, slots),  # slot-minor: see the C file
+            "read_weights": new(steps + 1, batch, heads, slots),
+            "write_weights": new(steps, batch, heads, slots),
+            "usage": new(steps + 1, batch, slots),
+            "key_norms": new(steps, batch, heads),
+            "slot_norms": new(steps, batch, slots),
+            "least_used": torch.empty(steps, batch, heads, dtype=torch.int64),
+            "scratch": new(_scratch_size(heads, slots, width)),
+        }
+        z = tensors["z"]
+        tensors["cells"][0] = c0
+        z[0, :, :reads_size] = reads0.flatten(1)
+        z[0, :, reads_size:] = h0
+        tensors["memory"][0] = memory0.transpose(1, 2)
+        tensors["read_weights"][0] = read_weights0
+        tensors["usage"][0] = usage0
+        settings = (batch, hidden, heads, slots, width, usage_decay)
+        buffers = native.fill(_Buffers, settings, tensors)
+        controller_step = getattr(library, f"lru_ntm_controller_forward_step_{suffix}")
+        memory_step = getattr(library, f"lru_ntm_memory_forward_step_{suffix}")
+        inputs = input_part.transpose(0, 1)  # (T, B, 4H) views, one per step
+        # the weights transposed and stored row-major: MKL's small products run faster so
+        recurrent_t, head_t = recurrent_weights.T.contiguous(), head_weights.T.contiguous()
+        address = ctypes.byref(buffers)
+        for t in range(steps):
+            torch.addmm(inputs[t], z[t], recurrent_t, out=tensors["gates"][t])
+            controller_step(address, t)
+            torch.addmm(head_bias, z[t + 1, :, reads_size:], head_t, out=tensors["head"][t])
+            memory_step(address, t)
+        # saved for backward (where a saved-tensors hook may move them: the backward pass takes
+        # their addresses afresh); the usage and the scratch are not needed there
+        saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
+        ctx.settings, ctx.names, ctx.suffix = settings, list(saved), suffix
+        ctx.save_for_backward(recurrent_weights, head_weights, *saved.values())
+        hs, reads = z[1:, :, reads_size:], z[1:, :, :reads_size]
+        outputs = torch.cat([hs, reads], dim=-1).transpose(0, 1)  # (B, T, H + R·W)
+        return (
+            outputs,
+            z[steps, :, reads_size:].clone(),
+            tensors["cells"][steps].clone(),
+            tensors["memory"][steps].transpose(1, 2).contiguous(),
+            tensors["read_weights"][steps].clone(),
+            tensors["usage"][steps].clone(),
+            z[steps, :, :reads_size].reshape(batch, heads, width).clone(),
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_outputs: torch.Tensor,
+        grad_h: torch.Tensor,
+        grad_c: torch.Tensor,
+        grad_memory: torch.Tensor,
+        grad_read_weights: torch.Tensor,
+        grad_usage: torch.Tensor,
+        grad_reads: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, ...]:
+        recurrent_weights, head_weights, *saved = ctx.saved_tensors
+        tensors = dict(zip(ctx.names, saved))
+        batch, hidden, heads, slots, width, _ = ctx.settings
+        steps = tensors["gates"].shape[0]
+        reads_size = heads * width
+        # δ[r_t, h_t] for t = 0..T: the outputs' (and the final state's), the products' added
+        grad_z = tensors["z"].new_zeros(steps + 1, batch, reads_size + hidden)
+        grad_outputs = grad_outputs.transpose(0, 1)
+        grad_z[1:, :, :reads_size] = grad_outputs[..., hidden:]
+        grad_z[1:, :, reads_size:] = grad_outputs[..., :hidden]
+        grad_z[steps, :, :reads_size] += grad_reads.flatten(1)
+        grad_z[steps, :, reads_size:] += grad_h
+        grads = {
+            "grad_z": grad_z,
+            "grad_c": grad_c.contiguous().clone(),
+            "grad_memory": grad_memory.transpose(1, 2).contiguous(),
+            "grad_read_weights": grad_read_weights.contiguous().clone(),
+            "grad_usage": grad_usage.contiguous().clone(),
+            "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
+            "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
+            "scratch": grad_z.new_empty(_scratch_size(heads, slots, width)),
+        }
+        buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
+        library = native.load(SOURCE)
+        memory_step = getattr(library, f"lru_ntm_memory_backward_step_{ctx.suffix}")
+        controller_step = getattr(library, f"lru_ntm_controller_backward_step_{ctx.suffix}")
+        address, grad_gates, grad_head = (
+            ctypes.byref(buffers),
+            grads["grad_gates"],
+            grads["grad_head"],
+        )
+        for t in range(steps - 1, -1, -1):
+            memory_step(address, t)
+            grad_z[t + 1, :, reads_size:].addmm_(
+                grad_head[t], head_weights
+            )  # δh_t += δ[k̃, α] W_head
+            controller_step(address, t)
+            grad_z[t].addmm_(grad_gates[t], recurrent_weights)  # δ[r_{t-1}, h_{t-1}]
+        z = tensors["z"]
+        flat_gates = grad_gates.view(steps * batch, 4 * hidden)
+        grad_recurrent = flat_gates.T @ z[:steps].reshape(steps * batch, -1)
+        hs = z[1:, :, reads_size:].reshape(steps * batch, hidden)
+        flat_head = grad_head.view(steps * batch, -1)
+        grad_head_weights, grad_head_bias = flat_head.T @ hs, flat_head.sum(0)
+        return (
+            grad_gates.transpose(0, 1),
+            grad_recurrent,
+            grad_head_weights,
+            grad_head_bias,
+            grad_z[0, :, reads_size:],
+            grads["grad_c"],
+            grads["grad_memory"].transpose(1, 2),
+            grads["grad_read_weights"],
+            grads["grad_usage"],
+            grad_z[0, :, :reads_size].reshape(batch, heads, width),
+            None,
+        )
