@@ -272,3 +272,18 @@ def test_c_kernel_passes_gradcheck_in_float64():
 
     inputs = [state.memory, state.read_weights, *[p.detach() for p in cell.parameters()]]
     torch.autograd.gradcheck(run, (x, *[tensor.requires_grad_() for tensor in inputs]))
+
+
+@C_KERNEL
+@pytest.mark.parametrize("width", [1, W])  # 1: the memory's transpose is contiguous as it is
+def test_c_kernel_leaves_the_callers_state_alone(width):
+    """The kernel updates its memory in place, in its own copy: the state passed in, and the
+    state it returned, are as they were after the backward pass."""
+    cell = LRUNTMCell(2, dataclasses.replace(make().config, memory_width=width, kernel="c"))
+    state = cell.initial_state(3)._replace(memory=torch.randn(3, N, width))
+    before = [tensor.clone() for tensor in state]
+    outputs, final = cell(torch.randn(3, 4, 2), state)
+    returned = [tensor.clone() for tensor in final]
+    (outputs.sum() + final.memory.sum()).backward()
+    for tensor, copy in zip([*state, *final], before + returned, strict=True):
+        assert torch.equal(tensor, copy)

@@ -8,6 +8,13 @@
  * sequence at a time, so that its memory (N x W) stays in L1 through all its passes, where the
  * batched ATen code streamed the whole batch's memory from DRAM once per operation.
  *
+ * The memory is updated in place and not kept per step: the backward pass undoes each step's
+ * write, M_{t-1} = M_t − Σ_r w^w_r k_rᵀ with the cleared slot put back from its saved copy, so
+ * the batch's memory (B·N·W, 2.6 MB at B = 128) stays in cache instead of a history of T of
+ * them going through DRAM. Undoing a write in floating point leaves a rounding error of the
+ * memory's size per step (about 1e-7 relative in float32), in the memory the backward pass
+ * differentiates at, not in the forward pass's outputs.
+ *
  * Sizes: B batch, H controller units, R heads, N slots, W width; Z = R·W + H is the controller's
  * recurrent input [r_{t-1}, h_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
  * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
@@ -27,7 +34,8 @@ typedef struct {
     REAL *tanh_c;       /* tanh(c_t), (T, B, H) */
     REAL *z;            /* [r_t, h_t], (T+1, B, Z) */
     REAL *head;         /* (T, B, E): the driver's [k̃, α], then [k = tanh k̃, σ(α)] */
-    REAL *memory;       /* M, (T+1, B, W, N): slot-minor, see memory_forward_step */
+    REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
+    REAL *cleared;      /* the cleared slot's M_{t-1}(i), (T, B, W) */
     REAL *read_weights; /* w^r, (T+1, B, R, N) */
     REAL *write_weights;/* w^w, (T, B, R, N) */
     REAL *usage;        /* w^u, (T+1, B, N) */
@@ -99,8 +107,8 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
         const REAL *usage = p->usage + tb * N, *read_before = p->read_weights + tb * R * N;
-        const REAL *memory_before = p->memory + tb * W * N;
-        REAL *memory = p->memory + next * W * N, *reads = p->z + next * Z;
+        REAL *memory = p->memory + b * W * N, *reads = p->z + next * Z;
+        REAL *cleared = p->cleared + tb * W;
         REAL *write = p->write_weights + tb * R * N, *read = p->read_weights + next * R * N;
         REAL *usage_after = p->usage + next * N;
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
@@ -118,9 +126,8 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
         for (int64_t i = 0; i < N; i++) slot_norms[i] = 0;
         for (int64_t j = 0; j < R * N; j++) read[j] = 0;
         for (int64_t j = 0; j < W; j++) {
-            const REAL *before = memory_before + j * N;
             REAL *row = memory + j * N;
-            for (int64_t i = 0; i < N; i++) row[i] = before[i];
+            cleared[j] = row[least[0]];
             row[least[0]] = 0;
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
@@ -173,7 +180,8 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
     for (int64_t b = 0; b < B; b++) {
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         const REAL *keys = p->head + tb * E, *mix = keys + R * W;
-        const REAL *memory = p->memory + next * W * N, *read = p->read_weights + next * R * N;
+        REAL *memory = p->memory + b * W * N; /* M_t here, M_{t-1} when the step is undone */
+        const REAL *read = p->read_weights + next * R * N, *cleared = p->cleared + tb * W;
         const REAL *read_before = p->read_weights + tb * R * N;
         const REAL *write = p->write_weights + tb * R * N;
         const REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
@@ -228,7 +236,7 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
         /* the cosine's δM and δk; then, with δM_t complete, the write M_t(i) += Σ_r w^w_r(i) k_r:
          * δw^w_r(i) += δM(i)·k_r, δk_r += Σ_i w^w_r(i) δM(i); then the cleared slot's δ is 0 */
         for (int64_t j = 0; j < W; j++) {
-            const REAL *row = memory + j * N;
+            REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
             for (int64_t i = 0; i < N; i++) grad_row[i] += slot_scale[i] * row[i];
             for (int64_t r = 0; r < R; r++) {
@@ -252,6 +260,13 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
                 grad_keys[r * W + j] += sum;
             }
             grad_row[least[0]] = 0;
+            /* undo the step: M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back */
+            for (int64_t r = 0; r < R; r++) {
+                const REAL key = keys[r * W + j];
+                const REAL *weights = write + r * N;
+                for (int64_t i = 0; i < N; i++) row[i] -= weights[i] * key;
+            }
+            row[least[0]] = cleared[j];
         }
         /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu: δσ(α), and δw^r_{t-1} replaces δw^r_t */
         for (int64_t r = 0; r < R; r++) {

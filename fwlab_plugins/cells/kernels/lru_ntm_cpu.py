@@ -26,7 +26,8 @@ from fwlab_plugins.cells.kernels import native
 SOURCE = Path(__file__).with_name("lru_ntm_cpu.c")
 
 _POINTERS = [
-    "gates", "cells", "tanh_c", "z", "head", "memory", "read_weights", "write_weights", "usage",
+    "gates", "cells", "tanh_c", "z", "head", "memory", "cleared", "read_weights", "write_weights",
+    "usage",
     "key_norms", "slot_norms", "least_used",
     "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
     "grad_head", "scratch",
@@ -35,6 +36,13 @@ _UNSAVED = {"usage", "scratch"}
 _Buffers = native.structure(  # LRUNTMBuffers of the C file
     "LRUNTMBuffers", ["batch", "hidden", "heads", "slots", "width"], ["usage_decay"], _POINTERS
 )
+
+
+def _slot_minor(memory: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of ``memory`` with its last two axes swapped: (B, N, W) <->
+    (B, W, N). Always a copy, which the kernel may write to (``contiguous()`` of a transpose
+    is the tensor itself when N or W is 1)."""
+    return memory.transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def _scratch_size(heads: int, slots: int, width: int) -> int:
@@ -80,7 +88,8 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "tanh_c": new(steps, batch, hidden),
             "z": new(steps + 1, batch, reads_size + hidden),
             "head": new(steps, batch, reads_size + heads),
-            "memory": new(steps + 1, batch, width, slots),  # slot-minor: see the C file
+            "memory": _slot_minor(memory0),  # updated in place
+            "cleared": new(steps, batch, width),
             "read_weights": new(steps + 1, batch, heads, slots),
             "write_weights": new(steps, batch, heads, slots),
             "usage": new(steps + 1, batch, slots),
@@ -93,7 +102,6 @@ class LRUNTMSequenceC(torch.autograd.Function):
         tensors["cells"][0] = c0
         z[0, :, :reads_size] = reads0.flatten(1)
         z[0, :, reads_size:] = h0
-        tensors["memory"][0] = memory0.transpose(1, 2)
         tensors["read_weights"][0] = read_weights0
         tensors["usage"][0] = usage0
         settings = (batch, hidden, heads, slots, width, usage_decay)
@@ -120,7 +128,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             outputs,
             z[steps, :, reads_size:].clone(),
             tensors["cells"][steps].clone(),
-            tensors["memory"][steps].transpose(1, 2).contiguous(),
+            _slot_minor(tensors["memory"]),
             tensors["read_weights"][steps].clone(),
             tensors["usage"][steps].clone(),
             z[steps, :, :reads_size].reshape(batch, heads, width).clone(),
@@ -153,13 +161,15 @@ class LRUNTMSequenceC(torch.autograd.Function):
         grads = {
             "grad_z": grad_z,
             "grad_c": grad_c.contiguous().clone(),
-            "grad_memory": grad_memory.transpose(1, 2).contiguous(),
+            "grad_memory": _slot_minor(grad_memory),
             "grad_read_weights": grad_read_weights.contiguous().clone(),
             "grad_usage": grad_usage.contiguous().clone(),
             "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
             "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
             "scratch": grad_z.new_empty(_scratch_size(heads, slots, width)),
         }
+        # the backward pass undoes the steps' writes in a copy of M_T (it may run more than once)
+        tensors["memory"] = tensors["memory"].clone()
         buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
         library = native.load(SOURCE)
         memory_step = getattr(library, f"lru_ntm_memory_backward_step_{ctx.suffix}")
