@@ -67,3 +67,12 @@ def test_without_a_working_compiler_auto_runs_torch_and_c_says_why(
     with pytest.raises(RuntimeError, match=r"model\.kernel=c: " + reason.split("(")[0]):
         BNLSTMCell(2, BNLSTMConfig(hidden_size=5, kernel="c"))(x)
     assert not list(fresh_build.glob("*.so"))
+
+
+def test_an_unwritable_cache_is_reported_with_the_setting_that_moves_it(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FWLAB_KERNEL_CACHE", str(blocker / "kernels"))  # a folder inside a file
+    reason = native.unavailable_reason(bn_lstm_cpu.SOURCE)
+    assert f"cannot build in the kernel cache {blocker / 'kernels'}" in reason
+    assert "FWLAB_KERNEL_CACHE" in reason

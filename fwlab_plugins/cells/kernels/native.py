@@ -105,14 +105,20 @@ def load(source: Path) -> ctypes.CDLL:
     ).hexdigest()[:16]
     library = cache_dir() / f"{source.stem}-{key}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as build:
-            wrapper, obj = Path(build, "kernel.c"), Path(build, "kernel.o")
-            wrapper.write_text(_wrapper(source))
-            _run([compiler, *flags, "-c", str(wrapper), "-o", str(obj)])
-            built = Path(build, library.name)
-            _run([compiler, "-shared", str(obj), "-o", str(built), "-lm"])
-            os.replace(built, library)  # atomic: processes building at once (DDP ranks) agree
+        try:
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as build:
+                wrapper, obj = Path(build, "kernel.c"), Path(build, "kernel.o")
+                wrapper.write_text(_wrapper(source))
+                _run([compiler, *flags, "-c", str(wrapper), "-o", str(obj)])
+                built = Path(build, library.name)
+                _run([compiler, "-shared", str(obj), "-o", str(built), "-lm"])
+                os.replace(built, library)  # atomic: processes building at once (DDP ranks) agree
+        except OSError as error:
+            raise NativeKernelUnavailable(
+                f"cannot build in the kernel cache {library.parent} ({error}); "
+                "set FWLAB_KERNEL_CACHE to a writable folder"
+            ) from error
     try:
         return ctypes.CDLL(str(library))
     except OSError as error:
@@ -125,7 +131,7 @@ def unavailable_reason(source: Path) -> str | None:
     try:
         load(source)
     except NativeKernelUnavailable as error:
-        return str(error).splitlines()[0]
+        return str(error)  # with the compiler's message, if it failed
     return None
 
 
