@@ -108,14 +108,19 @@ class LRUNTMSequenceC(torch.autograd.Function):
         buffers = native.fill(_Buffers, settings, tensors)
         controller_step = getattr(library, f"lru_ntm_controller_forward_step_{suffix}")
         memory_step = getattr(library, f"lru_ntm_memory_forward_step_{suffix}")
-        inputs = input_part.transpose(0, 1)  # (T, B, 4H) views, one per step
         # the weights transposed and stored row-major: MKL's small products run faster so
-        recurrent_t, head_t = recurrent_weights.T.contiguous(), head_weights.T.contiguous()
+        recurrent_weights_t = recurrent_weights.T.contiguous()
+        head_weights_t = head_weights.T.contiguous()
+        # per-step views made once, outside the loop
+        per_step = zip(
+            input_part.unbind(1), z.unbind(0), z[1:, :, reads_size:].unbind(0),
+            tensors["gates"].unbind(0), tensors["head"].unbind(0),
+        )  # fmt: skip
         address = ctypes.byref(buffers)
-        for t in range(steps):
-            torch.addmm(inputs[t], z[t], recurrent_t, out=tensors["gates"][t])
+        for t, (input_t, z_before, h_t, gates_t, head_t) in enumerate(per_step):
+            torch.addmm(input_t, z_before, recurrent_weights_t, out=gates_t)
             controller_step(address, t)
-            torch.addmm(head_bias, z[t + 1, :, reads_size:], head_t, out=tensors["head"][t])
+            torch.addmm(head_bias, h_t, head_weights_t, out=head_t)
             memory_step(address, t)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
         # their addresses afresh); the usage and the scratch are not needed there
@@ -174,18 +179,20 @@ class LRUNTMSequenceC(torch.autograd.Function):
         library = native.load(SOURCE)
         memory_step = getattr(library, f"lru_ntm_memory_backward_step_{ctx.suffix}")
         controller_step = getattr(library, f"lru_ntm_controller_backward_step_{ctx.suffix}")
-        address, grad_gates, grad_head = (
-            ctypes.byref(buffers),
-            grads["grad_gates"],
-            grads["grad_head"],
-        )
+        grad_gates, grad_head = grads["grad_gates"], grads["grad_head"]
+        per_step = list(
+            zip(
+                grad_z[:steps].unbind(0), grad_z[1:, :, reads_size:].unbind(0),
+                grad_gates.unbind(0), grad_head.unbind(0),
+            )
+        )  # fmt: skip
+        address = ctypes.byref(buffers)
         for t in range(steps - 1, -1, -1):
+            grad_z_before, grad_h_t, grad_gates_t, grad_head_t = per_step[t]
             memory_step(address, t)
-            grad_z[t + 1, :, reads_size:].addmm_(
-                grad_head[t], head_weights
-            )  # δh_t += δ[k̃, α] W_head
+            grad_h_t.addmm_(grad_head_t, head_weights)  # δh_t += δ[k̃, α]_t W_head
             controller_step(address, t)
-            grad_z[t].addmm_(grad_gates[t], recurrent_weights)  # δ[r_{t-1}, h_{t-1}]
+            grad_z_before.addmm_(grad_gates_t, recurrent_weights)  # δ[r_{t-1}, h_{t-1}]
         z = tensors["z"]
         flat_gates = grad_gates.view(steps * batch, 4 * hidden)
         grad_recurrent = flat_gates.T @ z[:steps].reshape(steps * batch, -1)
