@@ -43,6 +43,7 @@ def dtype_suffix(dtype: torch.dtype) -> str | None:
 
 
 def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$FWLAB_KERNEL_CACHE``, else the user's cache folder."""
     configured = os.environ.get("FWLAB_KERNEL_CACHE")
     if configured:
         return Path(configured)
