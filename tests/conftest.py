@@ -47,15 +47,19 @@ def run_fwlab(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     )
 
 
-def made_by(tensor: torch.Tensor, node: str, depth: int = 3) -> bool:
-    """Whether autograd made ``tensor`` with the custom Function ``node`` (its class name) within
-    ``depth`` nodes: a cell's outputs may be a view of the node's result."""
-    nodes = [tensor.grad_fn]
+def autograd_node_names(tensor: torch.Tensor, depth: int = 3) -> set[str]:
+    """The class names of the autograd nodes that made ``tensor``, ``depth`` levels deep: a
+    cell's outputs may be a view of its sequence node's result."""
+    names, nodes = set(), [tensor.grad_fn]
     for _ in range(depth):
-        if any(type(n).__name__ == f"{node}Backward" for n in nodes):
-            return True
+        names |= {type(node).__name__ for node in nodes if node is not None}
         nodes = [parent for n in nodes if n is not None for parent, _ in n.next_functions]
-    return False
+    return names
+
+
+def made_by(tensor: torch.Tensor, node: str, depth: int = 3) -> bool:
+    """Whether autograd made ``tensor`` with the custom Function ``node`` (its class name)."""
+    return f"{node}Backward" in autograd_node_names(tensor, depth)
 
 
 def write_executable(path: Path, text: str) -> None:

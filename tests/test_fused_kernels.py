@@ -14,6 +14,8 @@ import torch
 
 from fwlab.registry import Registry
 
+from .conftest import autograd_node_names
+
 pytest.importorskip("triton", reason="the fused kernels need the triton package")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,15 +53,9 @@ def pair(name: str, overrides: dict, inputs: int, hidden: int, dtype=torch.float
     return reference, fused
 
 
-def made_by_a_fused_node(tensor: torch.Tensor, depth: int = 3) -> bool:
-    """Whether a Triton node (``Fused…``) is among the autograd nodes that made ``tensor``
-    within a few levels (a cell's outputs may be a view of the node's result)."""
-    nodes = [tensor.grad_fn]
-    for _ in range(depth):
-        if any(node is not None and "Fused" in type(node).__name__ for node in nodes):
-            return True
-        nodes = [parent for node in nodes if node is not None for parent, _ in node.next_functions]
-    return False
+def made_by_a_fused_node(tensor: torch.Tensor) -> bool:
+    """Whether a Triton node (``Fused…``) made ``tensor``."""
+    return any("Fused" in name for name in autograd_node_names(tensor))
 
 
 def outputs_and_gradients(cell, x, h0):
