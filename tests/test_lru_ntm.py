@@ -258,6 +258,29 @@ def test_c_kernel_matches_the_reference_in_outputs_state_and_gradients(start):
 
 
 @C_KERNEL
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernel_gives_the_same_results_on_any_number_of_threads(threads):
+    """The steps' loops over sequences run on torch's threads (OpenMP, where the compiler has
+    it), each sequence on one thread: one thread or two must give the same bits, with the
+    batch not a multiple of the threads."""
+    cell = make(kernel="c")
+    x = torch.randn(5, 4, 2, dtype=torch.float64)
+    state = random_state(cell, 5, torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = outputs_state_and_gradients(cell, x, state)
+        torch.set_num_threads(threads)
+        got = outputs_state_and_gradients(cell, x, state)
+    finally:
+        torch.set_num_threads(before)
+    for got_part, want_part in zip(
+        [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
+    ):
+        assert torch.equal(got_part, want_part)
+
+
+@C_KERNEL
 def test_c_kernel_passes_gradcheck_in_float64():
     cell = make(kernel="c")
     x = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)

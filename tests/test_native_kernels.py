@@ -4,6 +4,7 @@ process's floating-point mode left as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
-from fwlab_plugins.cells.kernels import bn_lstm_cpu, native
+from fwlab_plugins.cells.kernels import bn_lstm_cpu, lru_ntm_cpu, native
+from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig
 
 from .conftest import made_by
 
@@ -76,3 +78,39 @@ def test_an_unwritable_cache_is_reported_with_the_setting_that_moves_it(fresh_bu
     reason = native.unavailable_reason(bn_lstm_cpu.SOURCE)
     assert f"cannot build in the kernel cache {blocker / 'kernels'}" in reason
     assert "FWLAB_KERNEL_CACHE" in reason
+
+
+def test_a_compiler_without_openmp_builds_kernels_that_run_on_one_thread(fresh_build, monkeypatch):
+    """OpenMP is taken where the compiler has it (the library's loops then call the OpenMP
+    runtime: torch's own, in this process), and a compiler without it still builds the kernel."""
+    with_openmp = native.load(lru_ntm_cpu.SOURCE)
+    probe = subprocess.run(
+        ["cc", "-fopenmp", "-x", "c", "-", "-o", str(fresh_build / "probe")],
+        input="int main(void) { return 0; }\n",
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode == 0:
+        assert b"omp_get_thread_num" in open(with_openmp._name, "rb").read()
+    native.load.cache_clear()
+    compiler = fresh_build / "bin" / "cc-without-openmp"
+    compiler.parent.mkdir()
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no -fopenmp" >&2; exit 1; }; done\n'
+        'exec cc "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    without_openmp = native.load(lru_ntm_cpu.SOURCE)
+    assert without_openmp._name != with_openmp._name
+    assert b"omp_get_thread_num" not in open(without_openmp._name, "rb").read()
+    torch.manual_seed(0)
+    config = LRUNTMConfig(hidden_size=5, memory_slots=6, memory_width=3)
+    reference = LRUNTMCell(2, config)
+    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c"))
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 2)
+    outputs = fused(x)[0]
+    assert made_by(outputs, "LRUNTMSequenceC")
+    torch.testing.assert_close(outputs, reference(x)[0])

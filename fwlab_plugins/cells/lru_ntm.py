@@ -109,23 +109,22 @@ class LRUNTMCell(Cell):
     ) -> tuple[torch.Tensor, LRUNTMState]:
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
-        input_part = self._input_part(x)
         dtype = self.controller.weight_hh.dtype
 
         def unavailable() -> str | None:
-            return lru_ntm_cpu.unavailable_reason(input_part.device, dtype)
+            return lru_ntm_cpu.unavailable_reason(x.device, dtype)
 
-        if kernels.wants_c(self.kernel, input_part, "lru_ntm", unavailable):
+        if kernels.wants_c(self.kernel, x, "lru_ntm", unavailable):
             outputs, *final = apply_in_full_precision(
                 lru_ntm_cpu.LRUNTMSequenceC,
                 dtype,
-                input_part,
+                self._input_part(x.transpose(0, 1)),  # time-major, as the node's steps read it
                 *self._step_weights(),
                 *state,
                 self.config.usage_decay,
             )
             return outputs, LRUNTMState(*final)
-        products = self._step_products()
+        input_part, products = self._input_part(x), self._step_products()
         outputs = []
         for input_t in input_part.unbind(1):  # unbind, not slices: O(T) backward
             output, state = self._advance(input_t, state, products)

@@ -19,7 +19,19 @@
  * recurrent input [r_{t-1}, h_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
  * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
  * The file is compiled once per dtype: REAL is float or double, NAME(x) suffixes the symbol.
+ *
+ * Every step's work is independent across the batch: its loop over sequences runs on `threads`
+ * OpenMP threads where the library is built with OpenMP (torch's own threads, see native.py),
+ * each backward thread with its own part of the scratch buffer.
  */
+#ifndef THREAD_INDEX
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_INDEX omp_get_thread_num()
+#else
+#define THREAD_INDEX 0
+#endif
+#endif
 #include <stdint.h>
 #include <string.h>
 #include <tgmath.h> /* exp, sqrt in REAL: expf and sqrtf for float */
@@ -28,6 +40,7 @@
 
 typedef struct {
     int64_t batch, hidden, heads, slots, width;
+    int64_t threads;    /* the most threads a step's loop over sequences may use */
     double usage_decay; /* γ */
     REAL *gates;        /* (T, B, 4H): the driver's pre-activations, then σ(i), σ(f), tanh(g), σ(o) */
     REAL *cells;        /* c, (T+1, B, H) */
@@ -50,7 +63,7 @@ typedef struct {
     REAL *grad_usage;   /* δw^u, (B, N) */
     REAL *grad_gates;   /* δ of the pre-activations, (T, B, 4H) */
     REAL *grad_head;    /* δ[k̃, α], (T, B, E) */
-    REAL *scratch;      /* (3·R·N + N + R·W + 2·R) */
+    REAL *scratch;      /* (threads, 3·R·N + N + R·W + 2·R) */
 } NAME(LRUNTMBuffers);
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
@@ -65,6 +78,7 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
 void NAME(lru_ntm_controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
+#pragma omp parallel for num_threads(p->threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         REAL *a = p->gates + (t * B + b) * 4 * H;
         const REAL *c_before = p->cells + (t * B + b) * H;
@@ -103,6 +117,7 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
+#pragma omp parallel for num_threads(p->threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
@@ -174,10 +189,12 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
-    REAL *grad_write = p->scratch, *dots = grad_write + R * N;       /* (R, N) each */
-    REAL *grad_dots = dots + R * N, *slot_scale = grad_dots + R * N; /* (R, N), (N) */
-    REAL *grad_keys = slot_scale + N, *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;
+#pragma omp parallel for num_threads(p->threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
+        REAL *grad_write = p->scratch + THREAD_INDEX * (3 * R * N + N + R * W + 2 * R);
+        REAL *dots = grad_write + R * N, *grad_dots = dots + R * N;      /* (R, N) each */
+        REAL *slot_scale = grad_dots + R * N, *grad_keys = slot_scale + N; /* (N), (R, W) */
+        REAL *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;    /* (R), (R) */
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         const REAL *keys = p->head + tb * E, *mix = keys + R * W;
         REAL *memory = p->memory + b * W * N; /* M_t here, M_{t-1} when the step is undone */
@@ -287,6 +304,7 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
  * the carried δc into the pre-activations' δ (grad_gates[t]) and δc_{t-1} in place. */
 void NAME(lru_ntm_controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
+#pragma omp parallel for num_threads(p->threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const REAL *a = p->gates + (t * B + b) * 4 * H;
         const REAL *c_before = p->cells + (t * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;

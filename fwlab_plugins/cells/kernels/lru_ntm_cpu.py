@@ -32,9 +32,12 @@ _POINTERS = [
     "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
     "grad_head", "scratch",
 ]  # fmt: skip
-_UNSAVED = {"usage", "scratch"}
+_UNSAVED = {"usage"}
 _Buffers = native.structure(  # LRUNTMBuffers of the C file
-    "LRUNTMBuffers", ["batch", "hidden", "heads", "slots", "width"], ["usage_decay"], _POINTERS
+    "LRUNTMBuffers",
+    ["batch", "hidden", "heads", "slots", "width", "threads"],
+    ["usage_decay"],
+    _POINTERS,
 )
 
 
@@ -45,8 +48,8 @@ def _slot_minor(memory: torch.Tensor) -> torch.Tensor:
     return memory.transpose(1, 2).clone(memory_format=torch.contiguous_format)
 
 
-def _scratch_size(heads: int, slots: int, width: int) -> int:
-    return 3 * heads * slots + slots + heads * width + 2 * heads
+def _scratch_size(heads: int, slots: int, width: int, threads: int) -> int:
+    return threads * (3 * heads * slots + slots + heads * width + 2 * heads)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -55,9 +58,10 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 class LRUNTMSequenceC(torch.autograd.Function):
-    """``(u (B,T,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0, c_0, M_0, w^r_0, w^u_0,
+    """``(u (T,B,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0, c_0, M_0, w^r_0, w^u_0,
     r_0, γ) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T, w^u_T, r_T)``, the state as
-    :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it."""
+    :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it. ``u`` comes time-major, as the
+    steps read it (a contiguous slice per step), and so does its gradient."""
 
     @staticmethod
     def forward(
@@ -76,7 +80,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         library = native.load(SOURCE)
         suffix = native.dtype_suffix(input_part.dtype)
-        batch, steps, four_hidden = input_part.shape
+        steps, batch, four_hidden = input_part.shape
         hidden = four_hidden // 4
         _, heads, slots = read_weights0.shape
         width = memory0.shape[-1]
@@ -96,7 +100,6 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "key_norms": new(steps, batch, heads),
             "slot_norms": new(steps, batch, slots),
             "least_used": torch.empty(steps, batch, heads, dtype=torch.int64),
-            "scratch": new(_scratch_size(heads, slots, width)),
         }
         z = tensors["z"]
         tensors["cells"][0] = c0
@@ -104,7 +107,8 @@ class LRUNTMSequenceC(torch.autograd.Function):
         z[0, :, reads_size:] = h0
         tensors["read_weights"][0] = read_weights0
         tensors["usage"][0] = usage0
-        settings = (batch, hidden, heads, slots, width, usage_decay)
+        # the C loops over sequences take torch's intra-op threads (native.py), at most these
+        settings = (batch, hidden, heads, slots, width, torch.get_num_threads(), usage_decay)
         buffers = native.fill(_Buffers, settings, tensors)
         controller_step = getattr(library, f"lru_ntm_controller_forward_step_{suffix}")
         memory_step = getattr(library, f"lru_ntm_memory_forward_step_{suffix}")
@@ -113,7 +117,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
         head_weights_t = head_weights.T.contiguous()
         # per-step views made once, outside the loop
         per_step = zip(
-            input_part.unbind(1), z.unbind(0), z[1:, :, reads_size:].unbind(0),
+            input_part.unbind(0), z.unbind(0), z[1:, :, reads_size:].unbind(0),
             tensors["gates"].unbind(0), tensors["head"].unbind(0),
         )  # fmt: skip
         address = ctypes.byref(buffers)
@@ -123,7 +127,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             torch.addmm(head_bias, h_t, head_weights_t, out=head_t)
             memory_step(address, t)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
-        # their addresses afresh); the usage and the scratch are not needed there
+        # their addresses afresh); the usage is not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
         ctx.settings, ctx.names, ctx.suffix = settings, list(saved), suffix
         ctx.save_for_backward(recurrent_weights, head_weights, *saved.values())
@@ -153,7 +157,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         recurrent_weights, head_weights, *saved = ctx.saved_tensors
         tensors = dict(zip(ctx.names, saved))
-        batch, hidden, heads, slots, width, _ = ctx.settings
+        batch, hidden, heads, slots, width, threads, _ = ctx.settings
         steps = tensors["gates"].shape[0]
         reads_size = heads * width
         # δ[r_t, h_t] for t = 0..T: the outputs' (and the final state's), the products' added
@@ -171,7 +175,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "grad_usage": grad_usage.contiguous().clone(),
             "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
             "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
-            "scratch": grad_z.new_empty(_scratch_size(heads, slots, width)),
+            "scratch": grad_z.new_empty(_scratch_size(heads, slots, width, threads)),
         }
         # the backward pass undoes the steps' writes in a copy of M_T (it may run more than once)
         tensors["memory"] = tensors["memory"].clone()
@@ -200,7 +204,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
         flat_head = grad_head.view(steps * batch, -1)
         grad_head_weights, grad_head_bias = flat_head.T @ hs, flat_head.sum(0)
         return (
-            grad_gates.transpose(0, 1),
+            grad_gates,
             grad_recurrent,
             grad_head_weights,
             grad_head_bias,

@@ -6,7 +6,8 @@ pass over the step's tensors per operation; the matrix products stay with torch 
 The source is compiled once per dtype (``REAL`` is ``float`` or ``double``; ``NAME(f)`` gives
 ``f_float`` or ``f_double``), with ``-ffast-math`` so that the compiler vectorises ``exp``
 through glibc's vector math library. The object is linked without it, so that the library does
-not switch the whole process to flush-to-zero when it is loaded.
+not switch the whole process to flush-to-zero when it is loaded. Where the compiler has OpenMP
+the library is built with it, and a kernel's loops over the batch run on torch's threads.
 
 The compiled library is cached under ``$FWLAB_KERNEL_CACHE`` (default
 ``~/.cache/fwlab/kernels``), keyed by the source, the compiler and the CPU's vector extension,
@@ -93,37 +94,58 @@ def _run(command: list[str]) -> None:
 
 @functools.cache
 def load(source: Path) -> ctypes.CDLL:
-    """The compiled library of C file ``source``, built (into the cache) if it is not yet.
+    """The compiled library of C file ``source``, built (into the cache) if it is not yet:
+    with OpenMP where the compiler has it, else without (one thread).
 
     Raises :class:`NativeKernelUnavailable` with the compiler's message if it cannot be built."""
     compiler = _compiler()
-    flags = ["-O3", "-std=c11", "-fPIC", "-ffast-math", *_vector_flags()]
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, version, *flags]).encode()
-    ).hexdigest()[:16]
-    library = cache_dir() / f"{source.stem}-{key}.so"
-    if not library.exists():
+    for threading in (["-fopenmp"], []):
+        flags = ["-O3", "-std=c11", "-fPIC", "-ffast-math", *threading, *_vector_flags()]
+        key = hashlib.sha256(
+            "\0".join([source.read_text(), compiler, version, *flags]).encode()
+        ).hexdigest()[:16]
+        library = cache_dir() / f"{source.stem}-{key}.so"
+        if library.exists():
+            break
         try:
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as build:
-                wrapper, obj = Path(build, "kernel.c"), Path(build, "kernel.o")
-                wrapper.write_text(_wrapper(source))
-                _run([compiler, *flags, "-c", str(wrapper), "-o", str(obj)])
-                built = Path(build, library.name)
-                _run([compiler, "-shared", str(obj), "-o", str(built), "-lm"])
-                os.replace(built, library)  # atomic: processes building at once (DDP ranks) agree
-        except OSError as error:
-            raise NativeKernelUnavailable(
-                f"cannot build in the kernel cache {library.parent} ({error}); "
-                "set FWLAB_KERNEL_CACHE to a writable folder"
-            ) from error
+            _build(source, library, compiler, flags, threading)
+            break
+        except NativeKernelUnavailable as error:
+            failure = error  # the build without OpenMP says why a build fails altogether
+    else:
+        raise failure
     try:
         return ctypes.CDLL(str(library))
     except OSError as error:
         raise NativeKernelUnavailable(f"cannot load {library}: {error}") from error
+
+
+def _build(
+    source: Path, library: Path, compiler: str, flags: list[str], link_flags: list[str]
+) -> None:
+    """Compiles ``source`` (once per dtype) into the shared library ``library``.
+
+    OpenMP (``-fopenmp``) links ``libgomp.so.1``: in a process where torch has loaded its own
+    (PyTorch's wheels bundle it, under that soname) the loader reuses that one, so a kernel's
+    parallel loops run on torch's OpenMP threads, ``torch.get_num_threads()`` of them, rather
+    than on a second pool competing for the same cores."""
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as build:
+            wrapper, obj = Path(build, "kernel.c"), Path(build, "kernel.o")
+            wrapper.write_text(_wrapper(source))
+            _run([compiler, *flags, "-c", str(wrapper), "-o", str(obj)])
+            built = Path(build, library.name)
+            _run([compiler, "-shared", *link_flags, str(obj), "-o", str(built), "-lm"])
+            os.replace(built, library)  # atomic: processes building at once (DDP ranks) agree
+    except OSError as error:
+        raise NativeKernelUnavailable(
+            f"cannot build in the kernel cache {library.parent} ({error}); "
+            "set FWLAB_KERNEL_CACHE to a writable folder"
+        ) from error
 
 
 @functools.cache
