@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,28 +84,29 @@ def test_an_unwritable_cache_is_reported_with_the_setting_that_moves_it(fresh_bu
 def test_a_compiler_without_openmp_builds_kernels_that_run_on_one_thread(fresh_build, monkeypatch):
     """OpenMP is taken where the compiler has it (the library's loops then call the OpenMP
     runtime: torch's own, in this process), and a compiler without it still builds the kernel."""
-    with_openmp = native.load(lru_ntm_cpu.SOURCE)
+    system_compiler = os.environ.get("CC", "cc")  # the one native.load builds with
+    with_openmp = Path(native.load(lru_ntm_cpu.SOURCE)._name)
     probe = subprocess.run(
-        ["cc", "-fopenmp", "-x", "c", "-", "-o", str(fresh_build / "probe")],
+        [system_compiler, "-fopenmp", "-x", "c", "-", "-o", str(fresh_build / "probe")],
         input="int main(void) { return 0; }\n",
         capture_output=True,
         text=True,
     )
     if probe.returncode == 0:
-        assert b"omp_get_thread_num" in open(with_openmp._name, "rb").read()
+        assert b"omp_get_thread_num" in with_openmp.read_bytes()
     native.load.cache_clear()
     compiler = fresh_build / "bin" / "cc-without-openmp"
     compiler.parent.mkdir()
     compiler.write_text(
         "#!/bin/sh\n"
         'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no -fopenmp" >&2; exit 1; }; done\n'
-        'exec cc "$@"\n'
+        f'exec {system_compiler} "$@"\n'
     )
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
-    without_openmp = native.load(lru_ntm_cpu.SOURCE)
-    assert without_openmp._name != with_openmp._name
-    assert b"omp_get_thread_num" not in open(without_openmp._name, "rb").read()
+    without_openmp = Path(native.load(lru_ntm_cpu.SOURCE)._name)
+    assert without_openmp != with_openmp
+    assert b"omp_get_thread_num" not in without_openmp.read_bytes()
     torch.manual_seed(0)
     config = LRUNTMConfig(hidden_size=5, memory_slots=6, memory_width=3)
     reference = LRUNTMCell(2, config)
