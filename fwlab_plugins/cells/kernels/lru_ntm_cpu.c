@@ -54,6 +54,7 @@ typedef struct {
     REAL *usage;        /* w^u, (T+1, B, N) */
     REAL *key_norms;    /* ‖k‖, (T, B, R) */
     REAL *slot_norms;   /* ‖M_{t+1}(i)‖, (T, B, N) */
+    REAL *scores;       /* k_r·M_{t+1}(i), (T, B, R, N): the cosines' numerators */
     int64_t *least_used;/* the R least-used slots of w^u_t, least first, (T, B, R) */
     /* backward: carried gradients of the state after the step being undone */
     REAL *grad_z;       /* δ[r_t, h_t], (T+1, B, Z): the outputs' on entry, products' added */
@@ -63,7 +64,7 @@ typedef struct {
     REAL *grad_usage;   /* δw^u, (B, N) */
     REAL *grad_gates;   /* δ of the pre-activations, (T, B, 4H) */
     REAL *grad_head;    /* δ[k̃, α], (T, B, E) */
-    REAL *scratch;      /* (threads, 3·R·N + N + R·W + 2·R) */
+    REAL *scratch;      /* (threads, 2·R·N + N + R·W + 2·R) */
 } NAME(LRUNTMBuffers);
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
@@ -127,6 +128,7 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
         REAL *write = p->write_weights + tb * R * N, *read = p->read_weights + next * R * N;
         REAL *usage_after = p->usage + next * N;
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
+        REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
         for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
@@ -137,9 +139,9 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
             for (int64_t n = 0; n < R; n++) write[r * N + least[n]] += (REAL)1 - mix[r];
         }
         /* M_t = M_{t-1}, least-used slot cleared, + Σ_r w^w_r k_rᵀ; with ‖M_t(i)‖² and k_r·M_t(i)
-         * (the latter summed into w^r_t's place) in the same pass */
+         * in the same pass (the latter kept for the backward pass) */
         for (int64_t i = 0; i < N; i++) slot_norms[i] = 0;
-        for (int64_t j = 0; j < R * N; j++) read[j] = 0;
+        for (int64_t j = 0; j < R * N; j++) scores[j] = 0;
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N;
             cleared[j] = row[least[0]];
@@ -152,7 +154,7 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
             for (int64_t i = 0; i < N; i++) slot_norms[i] += row[i] * row[i];
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
-                REAL *dots = read + r * N;
+                REAL *dots = scores + r * N;
                 for (int64_t i = 0; i < N; i++) dots[i] += key * row[i];
             }
         }
@@ -163,7 +165,7 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
         for (int64_t r = 0; r < R; r++) {
             REAL *weights = read + r * N, largest = 0, total = 0;
             for (int64_t i = 0; i < N; i++) {
-                weights[i] /= key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS;
+                weights[i] = scores[r * N + i] / (key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS);
                 largest = i == 0 || weights[i] > largest ? weights[i] : largest;
             }
             for (int64_t i = 0; i < N; i++) total += weights[i] = exp(weights[i] - largest);
@@ -184,15 +186,15 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
 /* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
  * the carried gradients of the state before the step in place. Two passes over the memory:
- * the reads' backward (with k·M(i) recomputed), then the cosine's and the write's. */
+ * the reads' backward, then the cosine's and the write's. */
 void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
 #pragma omp parallel for num_threads(p->threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
-        REAL *grad_write = p->scratch + THREAD_INDEX * (3 * R * N + N + R * W + 2 * R);
-        REAL *dots = grad_write + R * N, *grad_dots = dots + R * N;      /* (R, N) each */
+        REAL *grad_write = p->scratch + THREAD_INDEX * (2 * R * N + N + R * W + 2 * R);
+        REAL *grad_dots = grad_write + R * N;                              /* (R, N) each */
         REAL *slot_scale = grad_dots + R * N, *grad_keys = slot_scale + N; /* (N), (R, W) */
         REAL *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;    /* (R), (R) */
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
@@ -202,6 +204,7 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
         const REAL *read_before = p->read_weights + tb * R * N;
         const REAL *write = p->write_weights + tb * R * N;
         const REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
+        const REAL *dots = p->scores + tb * R * N;
         const int64_t *least = p->least_used + tb * R;
         const REAL *grad_reads = p->grad_z + next * Z;
         REAL *grad_memory = p->grad_memory + b * W * N;
@@ -212,20 +215,18 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
             for (int64_t i = 0; i < N; i++) {
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
-                dots[r * N + i] = 0;
             }
-        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; and k·M(i) again */
+        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr */
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
             for (int64_t r = 0; r < R; r++) {
-                const REAL grad = grad_reads[r * W + j], key = keys[r * W + j];
+                const REAL grad = grad_reads[r * W + j];
                 const REAL *weights = read + r * N;
-                REAL *grad_weights = grad_read + r * N, *dot = dots + r * N;
+                REAL *grad_weights = grad_read + r * N;
                 for (int64_t i = 0; i < N; i++) {
                     grad_weights[i] += grad * row[i];
                     grad_row[i] += weights[i] * grad;
-                    dot[i] += key * row[i];
                 }
             }
         }

@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("lru_ntm_cpu.c")
 _POINTERS = [
     "gates", "cells", "tanh_c", "z", "head", "memory", "cleared", "read_weights", "write_weights",
     "usage",
-    "key_norms", "slot_norms", "least_used",
+    "key_norms", "slot_norms", "scores", "least_used",
     "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
     "grad_head", "scratch",
 ]  # fmt: skip
@@ -49,7 +49,7 @@ def _slot_minor(memory: torch.Tensor) -> torch.Tensor:
 
 
 def _scratch_size(heads: int, slots: int, width: int, threads: int) -> int:
-    return threads * (3 * heads * slots + slots + heads * width + 2 * heads)
+    return threads * (2 * heads * slots + slots + heads * width + 2 * heads)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -99,6 +99,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "usage": new(steps + 1, batch, slots),
             "key_norms": new(steps, batch, heads),
             "slot_norms": new(steps, batch, slots),
+            "scores": new(steps, batch, heads, slots),
             "least_used": torch.empty(steps, batch, heads, dtype=torch.int64),
         }
         z = tensors["z"]
