@@ -204,21 +204,26 @@ def test_cosine_similarity_gradients_match_autograd_with_a_cleared_slot():
     )
 
 
-def random_state(cell, batch: int, generator: torch.Generator):
+def random_state(cell, batch: int, generator: torch.Generator, dtype=torch.float64):
     """A state in the middle of an episode: memory with a cleared slot, usages with ties."""
-    state = cell.initial_state(batch, dtype=torch.float64)
+    state = cell.initial_state(batch, dtype=dtype)
+    slots, width, heads = (
+        cell.config.memory_slots,
+        cell.config.memory_width,
+        cell.config.read_heads,
+    )
 
     def randn(*shape):
-        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+        return torch.randn(*shape, dtype=dtype, generator=generator)
 
-    memory = randn(batch, N, W)
+    memory = randn(batch, slots, width)
     memory[0, 2] = 0.0
-    usage = torch.rand(batch, N, dtype=torch.float64, generator=generator)
+    usage = torch.rand(batch, slots, dtype=dtype, generator=generator)
     usage[1, :3] = usage[1, 3]  # four equal usages: the ties go by slot index
-    read_weights = torch.softmax(randn(batch, R, N), dim=-1)
+    read_weights = torch.softmax(randn(batch, heads, slots), dim=-1)
     return state._replace(
-        h=randn(batch, H), c=randn(batch, H), memory=memory, read_weights=read_weights,
-        usage=usage, reads=randn(batch, R, W),
+        h=randn(batch, cell.hidden_size), c=randn(batch, cell.hidden_size), memory=memory,
+        read_weights=read_weights, usage=usage, reads=randn(batch, heads, width),
     )  # fmt: skip
 
 
@@ -255,6 +260,38 @@ def test_c_kernel_matches_the_reference_in_outputs_state_and_gradients(start):
         torch.testing.assert_close(got_part, want_part, rtol=1e-10, atol=1e-10)
     for got_grad, want_grad in zip(got[2], want[2], strict=True):  # x, the state, the weights
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
+
+
+@C_KERNEL
+@pytest.mark.parametrize(
+    ("slots", "heads", "dtype"),
+    [
+        (11, 1, torch.float64),
+        (11, 3, torch.float64),
+        (12, 4, torch.float64),
+        (9, 5, torch.float64),
+        (19, 4, torch.float32),
+        (9, 5, torch.float32),
+    ],
+)
+def test_c_kernel_matches_the_reference_for_any_slots_and_heads(slots, heads, dtype):
+    """The C memory passes take the slots by blocks of vector lanes (4 in float64, 8 in float32)
+    and the slots after the last whole block one by one, and keep per-head sums in registers for
+    up to 4 heads (more heads run slot by slot): each mix of those paths against the reference,
+    with a partial block at the end in each case."""
+    config = LRUNTMConfig(hidden_size=H, memory_slots=slots, memory_width=W, read_heads=heads)
+    torch.manual_seed(0)
+    reference = LRUNTMCell(2, dataclasses.replace(config, kernel="torch")).to(dtype)
+    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c")).to(dtype)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 5, 2, dtype=dtype)
+    state = random_state(reference, 3, torch.Generator().manual_seed(1), dtype)
+    want = outputs_state_and_gradients(reference, x, state)
+    got = outputs_state_and_gradients(fused, x, state)
+    assert made_by(got[0], "LRUNTMSequenceC")
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
+    for got_part, want_part in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
+        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
 
 
 @C_KERNEL

@@ -6,7 +6,8 @@
  * torch's head product, memory_forward_step; backward: memory_backward_step, torch's head
  * product, controller_backward_step, torch's controller product. The memory step works one
  * sequence at a time, so that its memory (N x W) stays in L1 through all its passes, where the
- * batched ATen code streamed the whole batch's memory from DRAM once per operation.
+ * batched ATen code streamed the whole batch's memory from DRAM once per operation; its hot
+ * loops work on blocks of slots in vector registers (see NAME(vec) below).
  *
  * The memory is updated in place and not kept per step: the backward pass undoes each step's
  * write, M_{t-1} = M_t − Σ_r w^w_r k_rᵀ with the cleared slot put back from its saved copy, so
@@ -76,6 +77,96 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
     return sum;
 }
 
+/* The memory passes' hot loops run on blocks of LANES slots, one 32-byte vector each (GCC's and
+ * Clang's vector extension: an AVX register on x86, two NEON registers on ARM), doing all heads'
+ * work on a block while it is in a register instead of one pass over the memory per head; the
+ * slots after the last whole block (none at N = 128) go through the scalar loops that follow.
+ * Two passes keep per-head sums of a block in registers: they run by blocks where R is at most
+ * REGISTER_HEADS (the paper's 4), called through WITH_LITERAL_HEADS so that the heads' count is
+ * a literal the compiler unrolls into registers, and slot by slot for more heads. */
+typedef REAL NAME(vec) __attribute__((vector_size(32)));
+#define LANES ((int64_t)(32 / sizeof(REAL)))
+#define REGISTER_HEADS 4
+#define WITH_LITERAL_HEADS(R, CALL)                                                               \
+    switch (R) {                                                                                  \
+    case 1: CALL(1); break;                                                                       \
+    case 2: CALL(2); break;                                                                       \
+    case 3: CALL(3); break;                                                                       \
+    default: CALL(4);                                                                             \
+    }
+
+static inline NAME(vec) NAME(load)(const REAL *from) {
+    NAME(vec) v;
+    memcpy(&v, from, sizeof v); /* an unaligned vector load */
+    return v;
+}
+
+static inline void NAME(store)(REAL *to, NAME(vec) v) { memcpy(to, &v, sizeof v); }
+
+static inline REAL NAME(lane_sum)(NAME(vec) v) {
+    REAL sum = 0;
+    for (int64_t l = 0; l < LANES; l++) sum += v[l];
+    return sum;
+}
+
+/* The write M(i) += Σ_g w^w_g(i) k_g, ‖M(i)‖² and k_g·M(i) for the block of slots at `memory`
+ * (slot-minor rows N apart), for the G heads (a literal) whose keys are `keys` (W apart) and
+ * whose weights and scores are N apart: the block's G + 1 sums stay in registers through all W
+ * features, and the memory is read and written once. */
+static inline __attribute__((always_inline)) void NAME(write_and_score_block)(
+    REAL *memory, const REAL *write, const REAL *keys, REAL *scores, REAL *slot_norms, int64_t N,
+    int64_t W, const int G) {
+    NAME(vec) weights[REGISTER_HEADS], score[REGISTER_HEADS], norm = {0};
+    for (int g = 0; g < G; g++) {
+        weights[g] = NAME(load)(write + g * N);
+        score[g] = (NAME(vec)){0};
+    }
+    for (int64_t j = 0; j < W; j++) {
+        REAL *row = memory + j * N;
+        NAME(vec) m = NAME(load)(row);
+        for (int g = 0; g < G; g++) m += weights[g] * keys[g * W + j];
+        NAME(store)(row, m);
+        norm += m * m;
+        for (int g = 0; g < G; g++) score[g] += m * keys[g * W + j];
+    }
+    NAME(store)(slot_norms, norm);
+    for (int g = 0; g < G; g++) NAME(store)(scores + g * N, score[g]);
+}
+
+/* For one feature j of the memory (`row`, `grad_row`: its M_t and δM), slots [0, end) by blocks,
+ * G heads (a literal; `keys`: k_g(j), W apart; the others N apart): what the scalar loops of
+ * memory_backward_step do for the remaining slots, the heads' sums into grad_keys (W apart). */
+static inline __attribute__((always_inline)) void NAME(cosine_and_write_backward_blocks)(
+    REAL *row, REAL *grad_row, const REAL *slot_scale, const REAL *grad_dots, const REAL *write,
+    REAL *grad_write, const REAL *keys, REAL *grad_keys, int64_t N, int64_t W, int64_t end,
+    const int G) {
+    NAME(vec) sum[REGISTER_HEADS];
+    REAL key[REGISTER_HEADS];
+    for (int g = 0; g < G; g++) {
+        sum[g] = (NAME(vec)){0};
+        key[g] = keys[g * W];
+    }
+    for (int64_t i = 0; i < end; i += LANES) {
+        NAME(vec) m = NAME(load)(row + i);
+        NAME(vec) grad_m = NAME(load)(grad_row + i) + NAME(load)(slot_scale + i) * m;
+        for (int g = 0; g < G; g++) { /* the cosine's */
+            const NAME(vec) grad_dot = NAME(load)(grad_dots + g * N + i);
+            sum[g] += grad_dot * m;
+            grad_m += grad_dot * key[g];
+        }
+        for (int g = 0; g < G; g++) { /* the write's, with δM complete, and its undoing */
+            const NAME(vec) weights = NAME(load)(write + g * N + i);
+            REAL *grad_weights = grad_write + g * N + i;
+            NAME(store)(grad_weights, NAME(load)(grad_weights) + grad_m * key[g]);
+            sum[g] += weights * grad_m;
+            m -= weights * key[g];
+        }
+        NAME(store)(grad_row + i, grad_m);
+        NAME(store)(row + i, m);
+    }
+    for (int g = 0; g < G; g++) grad_keys[g * W] += NAME(lane_sum)(sum[g]);
+}
+
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
 void NAME(lru_ntm_controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
@@ -111,9 +202,9 @@ static void NAME(least_used_slots)(const REAL *usage, int64_t slots, int64_t cou
 
 /* Keys and gates from the head layer, the LRU write, the content reads and the usage.
  *
- * The memory is slot-minor, (W, N) per sequence: every pass runs along the N slots of one
- * feature, so the write, the slot norms and the keys' dot products are one pass over the
- * memory with no horizontal sums (slot-major rows of W = 40 would need one per slot and head). */
+ * The memory is slot-minor, (W, N) per sequence: a vector holds one feature of LANES slots, so
+ * the write, the slot norms and the keys' dot products are one pass over the memory with no
+ * horizontal sums (slot-major rows of W = 40 would need one per slot and head). */
 void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
@@ -138,24 +229,34 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
             for (int64_t i = 0; i < N; i++) write[r * N + i] = mix[r] * read_before[r * N + i];
             for (int64_t n = 0; n < R; n++) write[r * N + least[n]] += (REAL)1 - mix[r];
         }
-        /* M_t = M_{t-1}, least-used slot cleared, + Σ_r w^w_r k_rᵀ; with ‖M_t(i)‖² and k_r·M_t(i)
-         * in the same pass (the latter kept for the backward pass) */
-        for (int64_t i = 0; i < N; i++) slot_norms[i] = 0;
-        for (int64_t j = 0; j < R * N; j++) scores[j] = 0;
+        for (int64_t j = 0; j < W; j++) { /* the least-used slot is cleared */
+            cleared[j] = memory[j * N + least[0]];
+            memory[j * N + least[0]] = 0;
+        }
+        /* M_t = M_{t-1} + Σ_r w^w_r k_rᵀ; with ‖M_t(i)‖² and k_r·M_t(i) (the latter kept for the
+         * backward pass) in the same pass: by blocks of slots, then slot by slot */
+        const int64_t blocks_end = R <= REGISTER_HEADS ? N - N % LANES : 0;
+        for (int64_t i = 0; i < blocks_end; i += LANES) {
+#define BLOCK(G)                                                                                  \
+    NAME(write_and_score_block)(memory + i, write + i, keys, scores + i, slot_norms + i, N, W, G)
+            WITH_LITERAL_HEADS(R, BLOCK)
+#undef BLOCK
+        }
+        for (int64_t i = blocks_end; i < N; i++) slot_norms[i] = 0;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = blocks_end; i < N; i++) scores[r * N + i] = 0;
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N;
-            cleared[j] = row[least[0]];
-            row[least[0]] = 0;
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
                 const REAL *weights = write + r * N;
-                for (int64_t i = 0; i < N; i++) row[i] += weights[i] * key;
+                for (int64_t i = blocks_end; i < N; i++) row[i] += weights[i] * key;
             }
-            for (int64_t i = 0; i < N; i++) slot_norms[i] += row[i] * row[i];
+            for (int64_t i = blocks_end; i < N; i++) slot_norms[i] += row[i] * row[i];
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
                 REAL *dots = scores + r * N;
-                for (int64_t i = 0; i < N; i++) dots[i] += key * row[i];
+                for (int64_t i = blocks_end; i < N; i++) dots[i] += key * row[i];
             }
         }
         for (int64_t i = 0; i < N; i++) slot_norms[i] = sqrt(slot_norms[i]);
@@ -216,15 +317,28 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
             }
-        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr */
+        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; by blocks of slots, each block of
+         * δM in a register through all heads, then slot by slot */
+        const int64_t vectors_end = N - N % LANES;
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
+            for (int64_t i = 0; i < vectors_end; i += LANES) {
+                const NAME(vec) m = NAME(load)(row + i);
+                NAME(vec) grad_m = NAME(load)(grad_row + i);
+                for (int64_t r = 0; r < R; r++) {
+                    const REAL grad = grad_reads[r * W + j];
+                    REAL *grad_weights = grad_read + r * N + i;
+                    NAME(store)(grad_weights, NAME(load)(grad_weights) + grad * m);
+                    grad_m += NAME(load)(read + r * N + i) * grad;
+                }
+                NAME(store)(grad_row + i, grad_m);
+            }
             for (int64_t r = 0; r < R; r++) {
                 const REAL grad = grad_reads[r * W + j];
                 const REAL *weights = read + r * N;
                 REAL *grad_weights = grad_read + r * N;
-                for (int64_t i = 0; i < N; i++) {
+                for (int64_t i = vectors_end; i < N; i++) {
                     grad_weights[i] += grad * row[i];
                     grad_row[i] += weights[i] * grad;
                 }
@@ -251,27 +365,36 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
         }
         for (int64_t i = 0; i < N; i++) /* the same for a cleared slot, ‖M(i)‖ = 0 */
             slot_scale[i] = slot_norms[i] > 0 ? slot_scale[i] / slot_norms[i] : 0;
-        /* the cosine's δM and δk; then, with δM_t complete, the write M_t(i) += Σ_r w^w_r(i) k_r:
-         * δw^w_r(i) += δM(i)·k_r, δk_r += Σ_i w^w_r(i) δM(i); then the cleared slot's δ is 0 */
+        /* per feature: the cosine's δM and δk; then, with δM_t complete, the write M_t(i) +=
+         * Σ_r w^w_r(i) k_r: δw^w_r(i) += δM(i)·k_r, δk_r += Σ_i w^w_r(i) δM(i); then the cleared
+         * slot's δ is 0. By blocks of slots (all of it in one pass, the heads' sums in registers),
+         * then slot by slot */
+        const int64_t blocks_end = R <= REGISTER_HEADS ? vectors_end : 0;
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
-            for (int64_t i = 0; i < N; i++) grad_row[i] += slot_scale[i] * row[i];
+            for (int64_t r = 0; r < R; r++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
+#define BLOCKS(G)                                                                                 \
+    NAME(cosine_and_write_backward_blocks)(row, grad_row, slot_scale, grad_dots, write,            \
+                                           grad_write, keys + j, grad_keys + j, N, W, blocks_end, G)
+            if (blocks_end > 0) WITH_LITERAL_HEADS(R, BLOCKS)
+#undef BLOCKS
+            for (int64_t i = blocks_end; i < N; i++) grad_row[i] += slot_scale[i] * row[i];
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
                 const REAL *grad_dot = grad_dots + r * N;
                 REAL sum = 0;
-                for (int64_t i = 0; i < N; i++) {
+                for (int64_t i = blocks_end; i < N; i++) {
                     sum += grad_dot[i] * row[i];
                     grad_row[i] += grad_dot[i] * key;
                 }
-                grad_keys[r * W + j] = sum + key_scale[r] * key;
+                grad_keys[r * W + j] += sum;
             }
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
                 const REAL *weights = write + r * N;
                 REAL *grad_weights = grad_write + r * N, sum = 0;
-                for (int64_t i = 0; i < N; i++) {
+                for (int64_t i = blocks_end; i < N; i++) {
                     grad_weights[i] += grad_row[i] * key;
                     sum += weights[i] * grad_row[i];
                 }
@@ -282,7 +405,7 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
             for (int64_t r = 0; r < R; r++) {
                 const REAL key = keys[r * W + j];
                 const REAL *weights = write + r * N;
-                for (int64_t i = 0; i < N; i++) row[i] -= weights[i] * key;
+                for (int64_t i = blocks_end; i < N; i++) row[i] -= weights[i] * key;
             }
             row[least[0]] = cleared[j];
         }
