@@ -262,15 +262,16 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
         for (int64_t i = 0; i < N; i++) slot_norms[i] = sqrt(slot_norms[i]);
         for (int64_t r = 0; r < R; r++)
             key_norms[r] = sqrt(NAME(dot)(keys + r * W, keys + r * W, W));
-        /* w^r = softmax_i K(k_r, M(i)), K = k·M(i) / (‖k‖ ‖M(i)‖ + ε) */
+        /* w^r = softmax_i K(k_r, M(i)), K = k·M(i) / (‖k‖ ‖M(i)‖ + ε): a cosine, in [−1, 1], so
+         * exp(K) needs no shift by the largest K to stay finite */
         for (int64_t r = 0; r < R; r++) {
-            REAL *weights = read + r * N, largest = 0, total = 0;
+            REAL *weights = read + r * N, total = 0;
             for (int64_t i = 0; i < N; i++) {
-                weights[i] = scores[r * N + i] / (key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS);
-                largest = i == 0 || weights[i] > largest ? weights[i] : largest;
+                const REAL denominator = key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS;
+                total += weights[i] = exp(scores[r * N + i] / denominator);
             }
-            for (int64_t i = 0; i < N; i++) total += weights[i] = exp(weights[i] - largest);
-            for (int64_t i = 0; i < N; i++) weights[i] /= total;
+            const REAL scale = (REAL)1 / total;
+            for (int64_t i = 0; i < N; i++) weights[i] *= scale;
         }
         /* r_t = Σ_i w^r(i) M(i) */
         for (int64_t r = 0; r < R; r++)
