@@ -133,6 +133,20 @@ static inline __attribute__((always_inline)) void NAME(write_and_score_block)(
     for (int g = 0; g < G; g++) NAME(store)(scores + g * N, score[g]);
 }
 
+/* r_g(j) = Σ_i w^r_g(i) M(i) for one feature j of the memory (`row`) over slots [0, end) by
+ * blocks, for G heads (a literal; weights N apart, reads W apart): the G sums in registers. */
+static inline __attribute__((always_inline)) void NAME(read_blocks)(
+    const REAL *row, const REAL *read, REAL *reads, int64_t N, int64_t W, int64_t end,
+    const int G) {
+    NAME(vec) sum[REGISTER_HEADS];
+    for (int g = 0; g < G; g++) sum[g] = (NAME(vec)){0};
+    for (int64_t i = 0; i < end; i += LANES) {
+        const NAME(vec) m = NAME(load)(row + i);
+        for (int g = 0; g < G; g++) sum[g] += NAME(load)(read + g * N + i) * m;
+    }
+    for (int g = 0; g < G; g++) reads[g * W] = NAME(lane_sum)(sum[g]);
+}
+
 /* For one feature j of the memory (`row`, `grad_row`: its M_t and δM), slots [0, end) by blocks,
  * G heads (a literal; `keys`: k_g(j), W apart; the others N apart): what the scalar loops of
  * memory_backward_step do for the remaining slots, the heads' sums into grad_keys (W apart). */
@@ -273,9 +287,17 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
             const REAL scale = (REAL)1 / total;
             for (int64_t i = 0; i < N; i++) weights[i] *= scale;
         }
-        /* r_t = Σ_i w^r(i) M(i) */
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t j = 0; j < W; j++) reads[r * W + j] = NAME(dot)(read + r * N, memory + j * N, N);
+        /* r_t = Σ_i w^r(i) M(i): per feature, by blocks of slots (the heads' sums in registers),
+         * then slot by slot */
+        for (int64_t j = 0; j < W; j++) {
+            const REAL *row = memory + j * N;
+            for (int64_t r = 0; r < R; r++) reads[r * W + j] = 0;
+#define READS(G) NAME(read_blocks)(row, read, reads + j, N, W, blocks_end, G)
+            if (blocks_end > 0) WITH_LITERAL_HEADS(R, READS)
+#undef READS
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t i = blocks_end; i < N; i++) reads[r * W + j] += read[r * N + i] * row[i];
+        }
         /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t */
         for (int64_t i = 0; i < N; i++) {
             REAL sum = gamma * usage[i];
