@@ -81,9 +81,10 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
  * Clang's vector extension: an AVX register on x86, two NEON registers on ARM), doing all heads'
  * work on a block while it is in a register instead of one pass over the memory per head; the
  * slots after the last whole block (none at N = 128) go through the scalar loops that follow.
- * Two passes keep per-head sums of a block in registers: they run by blocks where R is at most
- * REGISTER_HEADS (the paper's 4), called through WITH_LITERAL_HEADS so that the heads' count is
- * a literal the compiler unrolls into registers, and slot by slot for more heads. */
+ * The passes that keep per-head sums of a block in registers (the three functions below) run by
+ * blocks where R is at most REGISTER_HEADS (the paper's 4), called through WITH_LITERAL_HEADS so
+ * that the heads' count is a literal the compiler unrolls into registers, and slot by slot for
+ * more heads. */
 typedef REAL NAME(vec) __attribute__((vector_size(32)));
 #define LANES ((int64_t)(32 / sizeof(REAL)))
 #define REGISTER_HEADS 4
@@ -296,7 +297,8 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
             if (blocks_end > 0) WITH_LITERAL_HEADS(R, READS)
 #undef READS
             for (int64_t r = 0; r < R; r++)
-                for (int64_t i = blocks_end; i < N; i++) reads[r * W + j] += read[r * N + i] * row[i];
+                for (int64_t i = blocks_end; i < N; i++)
+                    reads[r * W + j] += read[r * N + i] * row[i];
         }
         /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t */
         for (int64_t i = 0; i < N; i++) {
