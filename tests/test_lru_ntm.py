@@ -9,7 +9,7 @@ import torch
 
 from fwlab_plugins.cells import lru_addressing as addressing
 from fwlab_plugins.cells.kernels import lru_ntm_cpu
-from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig
+from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig, LRUNTMState
 
 from .conftest import made_by
 
@@ -294,6 +294,29 @@ def test_c_kernel_matches_the_reference_for_any_slots_and_heads(slots, heads, dt
         [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
     ):
         torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+
+
+@C_KERNEL
+@pytest.mark.parametrize("part", ["outputs", *LRUNTMState._fields])
+def test_c_kernel_differentiates_one_returned_part_alone(part):
+    """A loss on one returned tensor alone: the node gets None for the others' gradients (it
+    does not ask for zeros) and must still match the reference."""
+    reference = make(kernel="torch")
+    fused = LRUNTMCell(2, dataclasses.replace(reference.config, kernel="c")).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    state = random_state(reference, 3, torch.Generator().manual_seed(5))
+    gradients = []
+    for cell in (reference, fused):
+        inputs = [x.clone().requires_grad_(), *[t.clone().requires_grad_() for t in state]]
+        outputs, final = cell(inputs[0], LRUNTMState(*inputs[1:]))
+        chosen = outputs if part == "outputs" else getattr(final, part)
+        wrt = [*inputs, *cell.parameters()]
+        found = torch.autograd.grad(chosen.pow(2).sum(), wrt, allow_unused=True)
+        gradients.append([torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt)])
+    assert any(g.abs().sum() > 0 for g in gradients[1])
+    for got, want in zip(gradients[1], gradients[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 @C_KERNEL

@@ -132,6 +132,9 @@ class LRUNTMSequenceC(torch.autograd.Function):
         saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
         ctx.settings, ctx.names, ctx.suffix = settings, list(saved), suffix
         ctx.save_for_backward(recurrent_weights, head_weights, *saved.values())
+        # an output the loss does not use (in training, the whole final state) gets None in the
+        # backward pass, not a tensor of zeros, and then costs no copy there
+        ctx.set_materialize_grads(False)
         hs, reads = z[1:, :, reads_size:], z[1:, :, :reads_size]
         outputs = torch.cat([hs, reads], dim=-1).transpose(0, 1)  # (B, T, H + R·W)
         return (
@@ -148,13 +151,13 @@ class LRUNTMSequenceC(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx,
-        grad_outputs: torch.Tensor,
-        grad_h: torch.Tensor,
-        grad_c: torch.Tensor,
-        grad_memory: torch.Tensor,
-        grad_read_weights: torch.Tensor,
-        grad_usage: torch.Tensor,
-        grad_reads: torch.Tensor,
+        grad_outputs: torch.Tensor | None,
+        grad_h: torch.Tensor | None,
+        grad_c: torch.Tensor | None,
+        grad_memory: torch.Tensor | None,
+        grad_read_weights: torch.Tensor | None,
+        grad_usage: torch.Tensor | None,
+        grad_reads: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
         recurrent_weights, head_weights, *saved = ctx.saved_tensors
         tensors = dict(zip(ctx.names, saved))
@@ -163,17 +166,29 @@ class LRUNTMSequenceC(torch.autograd.Function):
         reads_size = heads * width
         # δ[r_t, h_t] for t = 0..T: the outputs' (and the final state's), the products' added
         grad_z = tensors["z"].new_zeros(steps + 1, batch, reads_size + hidden)
-        grad_outputs = grad_outputs.transpose(0, 1)
-        grad_z[1:, :, :reads_size] = grad_outputs[..., hidden:]
-        grad_z[1:, :, reads_size:] = grad_outputs[..., :hidden]
-        grad_z[steps, :, :reads_size] += grad_reads.flatten(1)
-        grad_z[steps, :, reads_size:] += grad_h
+        if grad_outputs is not None:
+            grad_outputs = grad_outputs.transpose(0, 1)
+            grad_z[1:, :, :reads_size] = grad_outputs[..., hidden:]
+            grad_z[1:, :, reads_size:] = grad_outputs[..., :hidden]
+        if grad_reads is not None:
+            grad_z[steps, :, :reads_size] += grad_reads.flatten(1)
+        if grad_h is not None:
+            grad_z[steps, :, reads_size:] += grad_h
+
+        def carried(grad: torch.Tensor | None, *shape: int) -> torch.Tensor:
+            """A final state's gradient as a new tensor the kernel updates in place."""
+            return grad_z.new_zeros(shape) if grad is None else grad.contiguous().clone()
+
         grads = {
             "grad_z": grad_z,
-            "grad_c": grad_c.contiguous().clone(),
-            "grad_memory": _slot_minor(grad_memory),
-            "grad_read_weights": grad_read_weights.contiguous().clone(),
-            "grad_usage": grad_usage.contiguous().clone(),
+            "grad_c": carried(grad_c, batch, hidden),
+            "grad_memory": (
+                grad_z.new_zeros(batch, width, slots)
+                if grad_memory is None
+                else _slot_minor(grad_memory)
+            ),
+            "grad_read_weights": carried(grad_read_weights, batch, heads, slots),
+            "grad_usage": carried(grad_usage, batch, slots),
             "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
             "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
             "scratch": grad_z.new_empty(_scratch_size(heads, slots, width, threads)),
