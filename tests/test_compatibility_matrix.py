@@ -73,6 +73,7 @@ def test_a_pair_trains_or_is_refused_before_training(model, data, tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        default_root_dir=tmp_path,  # where plugins write run files (omniglot's class split)
     )
     trainer.fit(built, datamodule=datamodule)
     assert trainer.global_step == 2
