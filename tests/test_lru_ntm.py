@@ -297,6 +297,41 @@ def test_c_kernel_matches_the_reference_for_any_slots_and_heads(slots, heads, dt
 
 
 @C_KERNEL
+@pytest.mark.parametrize(
+    ("batch", "hidden", "heads", "dtype"),
+    [
+        (5, 25, 4, torch.float64),
+        (6, 13, 2, torch.float64),
+        (7, 25, 2, torch.float32),
+        (8, 6, 2, torch.float32),
+    ],
+)
+def test_c_kernel_matches_the_reference_for_any_batch_and_controller_size(
+    batch, hidden, heads, dtype
+):
+    """The C pass's per-step products (step_products.h) take the result's columns by panels of
+    three vectors (12 in float64, 24 in float32), the last one partial, and its rows (the batch)
+    by blocks of 4, then 1 to 3 rows alone. Between them these cases have whole and partial
+    panels in each of the four products (4H, R·W + H, R·W + R and H columns; only 4H = 24 in
+    float32 is one whole panel and nothing more), and 1, 2, 3 and 0 rows left over."""
+    config = LRUNTMConfig(hidden_size=hidden, memory_slots=N, memory_width=W, read_heads=heads)
+    torch.manual_seed(0)
+    reference = LRUNTMCell(2, dataclasses.replace(config, kernel="torch")).to(dtype)
+    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c")).to(dtype)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(batch, 5, 2, dtype=dtype)
+    state = random_state(reference, batch, torch.Generator().manual_seed(1), dtype)
+    want = outputs_state_and_gradients(reference, x, state)
+    got = outputs_state_and_gradients(fused, x, state)
+    assert made_by(got[0], "LRUNTMSequenceC")
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
+    for got_part, want_part in zip(
+        [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
+    ):
+        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+
+
+@C_KERNEL
 @pytest.mark.parametrize("part", ["outputs", *LRUNTMState._fields])
 def test_c_kernel_differentiates_one_returned_part_alone(part):
     """A loss on one returned tensor alone: the node gets None for the others' gradients (it
@@ -322,10 +357,13 @@ def test_c_kernel_differentiates_one_returned_part_alone(part):
 @C_KERNEL
 @pytest.mark.parametrize("threads", [1, 2])
 def test_c_kernel_gives_the_same_results_on_any_number_of_threads(threads):
-    """The steps' loops over sequences run on torch's threads (OpenMP, where the compiler has
-    it), each sequence on one thread: one thread or two must give the same bits, with the
-    batch not a multiple of the threads."""
-    cell = make(kernel="c")
+    """The C pass runs on torch's threads (OpenMP, where the compiler has it): each sequence's
+    element-wise work on one thread, each panel of a per-step product's columns on one thread
+    (at 25 units, several panels in each product). One thread or two must give the same bits,
+    with the batch not a multiple of the threads."""
+    torch.manual_seed(0)
+    config = LRUNTMConfig(hidden_size=25, memory_slots=N, memory_width=W, read_heads=R, kernel="c")
+    cell = LRUNTMCell(2, config).double()
     x = torch.randn(5, 4, 2, dtype=torch.float64)
     state = random_state(cell, 5, torch.Generator().manual_seed(4))
     before = torch.get_num_threads()

@@ -54,6 +54,22 @@ def test_a_kernel_is_built_once_into_the_cache_and_reused_by_another_process(fre
     assert float(done.stdout) == pytest.approx(1e-40, rel=1e-3)  # not flushed to 0
 
 
+def test_an_edit_to_an_included_file_builds_a_new_library(fresh_build, tmp_path):
+    """A kernel's library depends on the files its source includes from its own folder (as
+    lru_ntm_cpu.c includes step_products.h): an edit to one must not reuse the cached build."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    source, header = sources / "answer.c", sources / "answer.h"
+    source.write_text('#include "answer.h"\nint NAME(answer)(void) { return ANSWER; }\n')
+    answers = []
+    for value in (41, 42):
+        header.write_text(f"#undef ANSWER\n#define ANSWER {value}\n")
+        native.load.cache_clear()
+        answers.append(native.load(source).answer_float())
+    assert answers == [41, 42]
+    assert len(list(fresh_build.glob("answer-*.so"))) == 2
+
+
 @pytest.mark.parametrize(
     "compiler, reason",
     [("no-such-cc", "no C compiler ('no-such-cc' is not on PATH"), ("false", "false -O3 … failed")],

@@ -25,11 +25,11 @@ def test_every_python_package_is_listed_in_pyproject():
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
 
 
-def test_every_c_kernel_source_is_package_data():
+def test_every_c_kernel_source_and_header_is_package_data():
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"
     ]
-    sources = list((REPO / "fwlab_plugins").rglob("*.c"))
+    sources = [*(REPO / "fwlab_plugins").rglob("*.c"), *(REPO / "fwlab_plugins").rglob("*.h")]
     assert sources  # the test looks where the kernels are
     for source in sources:
         package = ".".join(source.parent.relative_to(REPO).parts)

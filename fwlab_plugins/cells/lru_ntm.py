@@ -20,9 +20,10 @@ the gates, W_x x_t + b, is one product over all steps, and the per-step products
 h_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
 whose weight gradients are one product over all steps too.
 
-On the CPU the whole sequence runs as one autograd node whose per-step work besides the two
-products is C code (:mod:`.kernels.lru_ntm_cpu`, ``model.kernel=auto|c``), where a C compiler is
-available; ``model.kernel=torch`` keeps the code below, the reference the tests hold it to.
+On the CPU the whole sequence runs as one autograd node whose time loop, the two per-step
+products included, is C code (:mod:`.kernels.lru_ntm_cpu`, ``model.kernel=auto|c``), where a C
+compiler is available; ``model.kernel=torch`` keeps the code below, the reference the tests hold
+it to.
 """
 
 from __future__ import annotations

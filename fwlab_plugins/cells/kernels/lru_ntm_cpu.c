@@ -1,10 +1,11 @@
-/* The LRU-NTM's per-step work besides its matrix products, on the CPU, forward and backward
- * (see lru_ntm_cpu.py for how the steps are driven, and lru_ntm.py / lru_addressing.py for the
- * equations, which this file follows line by line).
+/* The LRU-NTM's time loop on the CPU, forward and backward (see lru_ntm_cpu.py for what the
+ * driver does around it, and lru_ntm.py / lru_addressing.py for the equations, which this file
+ * follows line by line).
  *
- * Per step the driver calls, in order: torch's controller product, controller_forward_step,
- * torch's head product, memory_forward_step; backward: memory_backward_step, torch's head
- * product, controller_backward_step, torch's controller product. The memory step works one
+ * lru_ntm_forward runs, per step: the controller product (step_products.h), the controller
+ * step, the head product, the memory step; lru_ntm_backward, per step in reverse: the memory
+ * step's backward, the head product's, the controller step's, the controller product's. The
+ * products' weight gradients, sums over steps, are left to the driver. The memory step works one
  * sequence at a time, so that its memory (N x W) stays in L1 through all its passes, where the
  * batched ATen code streamed the whole batch's memory from DRAM once per operation; its hot
  * loops work on blocks of slots in vector registers (see NAME(vec) below).
@@ -21,9 +22,10 @@
  * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
  * The file is compiled once per dtype: REAL is float or double, NAME(x) suffixes the symbol.
  *
- * Every step's work is independent across the batch: its loop over sequences runs on `threads`
- * OpenMP threads where the library is built with OpenMP (torch's own threads, see native.py),
- * each backward thread with its own part of the scratch buffer.
+ * A pass runs in one OpenMP parallel region of `threads` threads where the library is built
+ * with OpenMP (torch's own threads, see native.py): a step's element-wise work shares out the
+ * batch's sequences (each backward thread with its own part of the scratch buffer), a product
+ * the columns of its result, and the threads meet between the parts of a step.
  */
 #ifndef THREAD_INDEX
 #ifdef _OPENMP
@@ -31,6 +33,13 @@
 #define THREAD_INDEX omp_get_thread_num()
 #else
 #define THREAD_INDEX 0
+#endif
+#endif
+#ifndef THREAD_COUNT
+#ifdef _OPENMP
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_COUNT 1
 #endif
 #endif
 #include <stdint.h>
@@ -41,13 +50,15 @@
 
 typedef struct {
     int64_t batch, hidden, heads, slots, width;
-    int64_t threads;    /* the most threads a step's loop over sequences may use */
+    int64_t threads;    /* the most threads a pass may use */
     double usage_decay; /* γ */
-    REAL *gates;        /* (T, B, 4H): the driver's pre-activations, then σ(i), σ(f), tanh(g), σ(o) */
+    /* the driver's inputs: u = W_x x + b (T, B, 4H), W_rec (4H, Z), W_head (E, H), b_head (E) */
+    const REAL *input_part, *recurrent_weights, *head_weights, *head_bias;
+    REAL *gates;        /* (T, B, 4H): u_t + W_rec z_t, then σ(i), σ(f), tanh(g), σ(o) */
     REAL *cells;        /* c, (T+1, B, H) */
     REAL *tanh_c;       /* tanh(c_t), (T, B, H) */
     REAL *z;            /* [r_t, h_t], (T+1, B, Z) */
-    REAL *head;         /* (T, B, E): the driver's [k̃, α], then [k = tanh k̃, σ(α)] */
+    REAL *head;         /* (T, B, E): [k̃, α] = W_head h_t + b_head, then [k = tanh k̃, σ(α)] */
     REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
     REAL *cleared;      /* the cleared slot's M_{t-1}(i), (T, B, W) */
     REAL *read_weights; /* w^r, (T+1, B, R, N) */
@@ -103,6 +114,8 @@ static inline NAME(vec) NAME(load)(const REAL *from) {
 }
 
 static inline void NAME(store)(REAL *to, NAME(vec) v) { memcpy(to, &v, sizeof v); }
+
+#include "step_products.h"
 
 static inline REAL NAME(lane_sum)(NAME(vec) v) {
     REAL sum = 0;
@@ -183,9 +196,9 @@ static inline __attribute__((always_inline)) void NAME(cosine_and_write_backward
 }
 
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
-void NAME(lru_ntm_controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+static void NAME(controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
-#pragma omp parallel for num_threads(p->threads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         REAL *a = p->gates + (t * B + b) * 4 * H;
         const REAL *c_before = p->cells + (t * B + b) * H;
@@ -220,11 +233,11 @@ static void NAME(least_used_slots)(const REAL *usage, int64_t slots, int64_t cou
  * The memory is slot-minor, (W, N) per sequence: a vector holds one feature of LANES slots, so
  * the write, the slot norms and the keys' dot products are one pass over the memory with no
  * horizontal sums (slot-major rows of W = 40 would need one per slot and head). */
-void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
-#pragma omp parallel for num_threads(p->threads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
@@ -313,11 +326,11 @@ void NAME(lru_ntm_memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) 
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
  * the carried gradients of the state before the step in place. Two passes over the memory:
  * the reads' backward, then the cosine's and the write's. */
-void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
-#pragma omp parallel for num_threads(p->threads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         REAL *grad_write = p->scratch + THREAD_INDEX * (2 * R * N + N + R * W + 2 * R);
         REAL *grad_dots = grad_write + R * N;                              /* (R, N) each */
@@ -451,9 +464,9 @@ void NAME(lru_ntm_memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t)
 
 /* Step t of the controller backward: δh_t (grad_z[t+1]'s h part, the head product's added) and
  * the carried δc into the pre-activations' δ (grad_gates[t]) and δc_{t-1} in place. */
-void NAME(lru_ntm_controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
-#pragma omp parallel for num_threads(p->threads) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const REAL *a = p->gates + (t * B + b) * 4 * H;
         const REAL *c_before = p->cells + (t * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;
@@ -469,4 +482,73 @@ void NAME(lru_ntm_controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_
             grad_c[k] = dc * f;
         }
     }
+}
+
+/* The forward pass over `steps` steps: per step t,
+ *     gates_t = u_t + z_t W_recᵀ,  the controller step (h_{t+1} into z_{t+1}),
+ *     head_t = b_head + h_{t+1} W_headᵀ,  the memory step (r_t into z_{t+1}).
+ * One parallel region for the whole loop; a barrier wherever a part reads what the part before
+ * wrote on another thread (a step's worksharing loop ends in one). Returns 0, or −1 if the
+ * packed weights cannot be allocated (and then computes nothing). */
+int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
+    const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
+    const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
+    REAL *recurrent = NAME(panels_alloc)(Z, G), *head = NAME(panels_alloc)(H, E);
+    if (recurrent == NULL || head == NULL) {
+        free(recurrent);
+        free(head);
+        return -1;
+    }
+#pragma omp parallel num_threads(p->threads)
+    {
+        NAME(pack_panels)(p->recurrent_weights, Z, G, 1, Z, recurrent); /* W_recᵀ */
+        NAME(pack_panels)(p->head_weights, H, E, 1, H, head);           /* W_headᵀ */
+        for (int64_t t = 0; t < steps; t++) {
+            NAME(product)(p->z + t * B * Z, Z, B, Z, recurrent, G, p->gates + t * B * G, G,
+                          p->input_part + t * B * G, G);
+#pragma omp barrier
+            NAME(controller_forward_step)(p, t);
+            NAME(product)(p->z + (t + 1) * B * Z + RW, Z, B, H, head, E, p->head + t * B * E, E,
+                          p->head_bias, 0);
+#pragma omp barrier
+            NAME(memory_forward_step)(p, t);
+        }
+    }
+    free(recurrent);
+    free(head);
+    return 0;
+}
+
+/* The backward pass over `steps` steps, from the outputs' δ in grad_z and the final state's in
+ * the carried gradients: per step t in reverse, the memory step's backward (δ[k̃, α]_t),
+ *     δh_{t+1} += δ[k̃, α]_t W_head,  the controller step's backward (δgates_t),
+ *     δz_t += δgates_t W_rec
+ * (δz_t = δ[r_{t−1}, h_{t−1}]). Returns 0, or −1 if the packed weights cannot be allocated. */
+int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
+    const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
+    const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
+    REAL *recurrent = NAME(panels_alloc)(G, Z), *head = NAME(panels_alloc)(E, H);
+    if (recurrent == NULL || head == NULL) {
+        free(recurrent);
+        free(head);
+        return -1;
+    }
+#pragma omp parallel num_threads(p->threads)
+    {
+        NAME(pack_panels)(p->recurrent_weights, G, Z, Z, 1, recurrent); /* W_rec */
+        NAME(pack_panels)(p->head_weights, E, H, H, 1, head);           /* W_head */
+        for (int64_t t = steps - 1; t >= 0; t--) {
+            NAME(memory_backward_step)(p, t);
+            REAL *grad_h = p->grad_z + (t + 1) * B * Z + RW;
+            NAME(product)(p->grad_head + t * B * E, E, B, E, head, H, grad_h, Z, grad_h, Z);
+#pragma omp barrier
+            NAME(controller_backward_step)(p, t);
+            REAL *grad_z = p->grad_z + t * B * Z;
+            NAME(product)(p->grad_gates + t * B * G, G, B, G, recurrent, Z, grad_z, Z, grad_z, Z);
+#pragma omp barrier
+        }
+    }
+    free(recurrent);
+    free(head);
+    return 0;
 }

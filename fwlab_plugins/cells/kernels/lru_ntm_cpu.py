@@ -1,17 +1,19 @@
-"""The LRU-NTM's whole sequence as one autograd node on the CPU, its per-step work besides the
-matrix products in C (``lru_ntm_cpu.c``, compiled by :mod:`.native`).
+"""The LRU-NTM's whole sequence as one autograd node on the CPU, its time loop in C
+(``lru_ntm_cpu.c``, compiled by :mod:`.native`).
 
 It computes what :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMCell`'s step-by-step code computes
 (the equations are in :mod:`~fwlab_plugins.cells.lru_ntm` and :mod:`~fwlab_plugins.cells.
-lru_addressing`), which stays the reference. Per step, torch runs the two products,
+lru_addressing`), which stays the reference. The input part u_t = W_x x_t + b comes in for all
+steps (one product, torch's); per step the C code runs the two small products
 
-    gates_t = u_t + [r_{t-1}, h_{t-1}] W_recᵀ          (u_t = W_x x_t + b, for all t beforehand)
+    gates_t = u_t + [r_{t-1}, h_{t-1}] W_recᵀ
     [k̃_t, α_t] = h_t W_headᵀ + b_head
 
-and the C code the rest: the LSTM update, then one sequence at a time the LRU write, the content
-reads and the usage, with the sequence's memory in L1. The backward pass runs the steps in
-reverse with the derivatives written out (the selections of least-used slots carry no gradient,
-as in the reference); the weight gradients, sums over steps, are one product each at the end.
+(``step_products.h``: at B = 16 much faster than a BLAS call per step), the LSTM update, then one
+sequence at a time the LRU write, the content reads and the usage, with the sequence's memory in
+L1. The backward pass runs the steps in reverse with the derivatives written out (the selections
+of least-used slots carry no gradient, as in the reference); the weight gradients, sums over
+steps, are one product each (torch's) at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fwlab_plugins.cells.kernels import native
 SOURCE = Path(__file__).with_name("lru_ntm_cpu.c")
 
 _POINTERS = [
+    "input_part", "recurrent_weights", "head_weights", "head_bias",
     "gates", "cells", "tanh_c", "z", "head", "memory", "cleared", "read_weights", "write_weights",
     "usage",
     "key_norms", "slot_norms", "scores", "least_used",
@@ -57,6 +60,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return native.cannot_run(SOURCE, device, dtype)
 
 
+def _run(function: str, buffers: ctypes.Structure, steps: int) -> None:
+    """Calls a pass of the C file (``lru_ntm_forward_float`` …) over ``steps`` steps."""
+    if getattr(native.load(SOURCE), function)(ctypes.byref(buffers), steps) != 0:
+        raise MemoryError(f"{function}: cannot allocate the packed weights of the step products")
+
+
 class LRUNTMSequenceC(torch.autograd.Function):
     """``(u (T,B,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0, c_0, M_0, w^r_0, w^u_0,
     r_0, γ) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T, w^u_T, r_T)``, the state as
@@ -78,7 +87,6 @@ class LRUNTMSequenceC(torch.autograd.Function):
         reads0: torch.Tensor,
         usage_decay: float,
     ) -> tuple[torch.Tensor, ...]:
-        library = native.load(SOURCE)
         suffix = native.dtype_suffix(input_part.dtype)
         steps, batch, four_hidden = input_part.shape
         hidden = four_hidden // 4
@@ -86,6 +94,12 @@ class LRUNTMSequenceC(torch.autograd.Function):
         width = memory0.shape[-1]
         reads_size = heads * width
         new = input_part.new_empty
+        inputs = {
+            "input_part": input_part.contiguous(),
+            "recurrent_weights": recurrent_weights.contiguous(),
+            "head_weights": head_weights.contiguous(),
+            "head_bias": head_bias.contiguous(),
+        }
         tensors = {
             "gates": new(steps, batch, four_hidden),
             "cells": new(steps + 1, batch, hidden),
@@ -108,25 +122,9 @@ class LRUNTMSequenceC(torch.autograd.Function):
         z[0, :, reads_size:] = h0
         tensors["read_weights"][0] = read_weights0
         tensors["usage"][0] = usage0
-        # the C loops over sequences take torch's intra-op threads (native.py), at most these
+        # the C pass runs on torch's intra-op threads (native.py), at most these
         settings = (batch, hidden, heads, slots, width, torch.get_num_threads(), usage_decay)
-        buffers = native.fill(_Buffers, settings, tensors)
-        controller_step = getattr(library, f"lru_ntm_controller_forward_step_{suffix}")
-        memory_step = getattr(library, f"lru_ntm_memory_forward_step_{suffix}")
-        # the weights transposed and stored row-major: MKL's small products run faster so
-        recurrent_weights_t = recurrent_weights.T.contiguous()
-        head_weights_t = head_weights.T.contiguous()
-        # per-step views made once, outside the loop
-        per_step = zip(
-            input_part.unbind(0), z.unbind(0), z[1:, :, reads_size:].unbind(0),
-            tensors["gates"].unbind(0), tensors["head"].unbind(0),
-        )  # fmt: skip
-        address = ctypes.byref(buffers)
-        for t, (input_t, z_before, h_t, gates_t, head_t) in enumerate(per_step):
-            torch.addmm(input_t, z_before, recurrent_weights_t, out=gates_t)
-            controller_step(address, t)
-            torch.addmm(head_bias, h_t, head_weights_t, out=head_t)
-            memory_step(address, t)
+        _run(f"lru_ntm_forward_{suffix}", native.fill(_Buffers, settings, inputs | tensors), steps)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
         # their addresses afresh); the usage is not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
@@ -195,24 +193,13 @@ class LRUNTMSequenceC(torch.autograd.Function):
         }
         # the backward pass undoes the steps' writes in a copy of M_T (it may run more than once)
         tensors["memory"] = tensors["memory"].clone()
-        buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
-        library = native.load(SOURCE)
-        memory_step = getattr(library, f"lru_ntm_memory_backward_step_{ctx.suffix}")
-        controller_step = getattr(library, f"lru_ntm_controller_backward_step_{ctx.suffix}")
+        weights = {
+            "recurrent_weights": recurrent_weights.contiguous(),
+            "head_weights": head_weights.contiguous(),
+        }
+        buffers = native.fill(_Buffers, ctx.settings, weights | tensors | grads)
+        _run(f"lru_ntm_backward_{ctx.suffix}", buffers, steps)
         grad_gates, grad_head = grads["grad_gates"], grads["grad_head"]
-        per_step = list(
-            zip(
-                grad_z[:steps].unbind(0), grad_z[1:, :, reads_size:].unbind(0),
-                grad_gates.unbind(0), grad_head.unbind(0),
-            )
-        )  # fmt: skip
-        address = ctypes.byref(buffers)
-        for t in range(steps - 1, -1, -1):
-            grad_z_before, grad_h_t, grad_gates_t, grad_head_t = per_step[t]
-            memory_step(address, t)
-            grad_h_t.addmm_(grad_head_t, head_weights)  # δh_t += δ[k̃, α]_t W_head
-            controller_step(address, t)
-            grad_z_before.addmm_(grad_gates_t, recurrent_weights)  # δ[r_{t-1}, h_{t-1}]
         z = tensors["z"]
         flat_gates = grad_gates.view(steps * batch, 4 * hidden)
         grad_recurrent = flat_gates.T @ z[:steps].reshape(steps * batch, -1)

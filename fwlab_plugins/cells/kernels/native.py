@@ -2,7 +2,9 @@
 on disk, and called through ``ctypes``.
 
 A C kernel does a cell's element-wise work of one time step in one call, where ATen would make a
-pass over the step's tensors per operation; the matrix products stay with torch (MKL/oneDNN).
+pass over the step's tensors per operation. The products over all steps stay with torch
+(MKL/oneDNN); the per-step ones do too (``bn_lstm``), or the kernel runs the whole time loop with
+its own (``lru_ntm``, ``step_products.h``: at a batch of 16 a BLAS call per step is slow).
 The source is compiled once per dtype (``REAL`` is ``float`` or ``double``; ``NAME(f)`` gives
 ``f_float`` or ``f_double``), with ``-ffast-math`` so that the compiler vectorises ``exp``
 through glibc's vector math library. The object is linked without it, so that the library does
@@ -10,7 +12,8 @@ not switch the whole process to flush-to-zero when it is loaded. Where the compi
 the library is built with it, and a kernel's loops over the batch run on torch's threads.
 
 The compiled library is cached under ``$FWLAB_KERNEL_CACHE`` (default
-``~/.cache/fwlab/kernels``), keyed by the source, the compiler and the CPU's vector extension,
+``~/.cache/fwlab/kernels``), keyed by the source (with the files it includes from its own
+folder, ``#include "name.h"``), the compiler and the CPU's vector extension,
 so a node of a cluster with another CPU builds its own. Without a compiler the cells run their
 PyTorch code, and ``auto`` says why once.
 """
@@ -22,6 +25,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -85,6 +89,17 @@ def _wrapper(source: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _source_text(source: Path) -> str:
+    """The text of ``source`` and of the files it includes with quotes (found beside it), in
+    order: what a build depends on, so an edit to any of them makes a new library."""
+    text = source.read_text()
+    included = [_source_text(source.with_name(name)) for name in _LOCAL_INCLUDE.findall(text)]
+    return "\0".join([text, *included])
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -105,7 +120,7 @@ def load(source: Path) -> ctypes.CDLL:
     for threading in (["-fopenmp"], []):
         flags = ["-O3", "-std=c11", "-fPIC", "-ffast-math", *threading, *_vector_flags()]
         key = hashlib.sha256(
-            "\0".join([source.read_text(), compiler, version, *flags]).encode()
+            "\0".join([_source_text(source), compiler, version, *flags]).encode()
         ).hexdigest()[:16]
         library = cache_dir() / f"{source.stem}-{key}.so"
         if library.exists():
