@@ -79,29 +79,29 @@ static inline __attribute__((always_inline)) void NAME(panel_rows)(
 }
 
 /* out (M × N) = add + A (M × K) · B, B packed by pack_panels: the calling thread's share of
- * the panels, the same share at every call (so that it stays in the thread's cache). Every
- * thread of the region calls it; they do not meet at its end. */
+ * the result's blocks of PANEL_ROWS rows × one panel, taken panel by panel (a thread's blocks
+ * are consecutive, so it works on few panels) and the same share at every call (so that its
+ * panels stay in its core's cache). Blocks rather than whole panels are shared out so that the
+ * threads get equal work when the panels are few (R·W + R = 164 columns are 7 float32 panels).
+ * Every thread of the region calls it; they do not meet at its end. */
 static void NAME(product)(const REAL *a, int64_t lda, int64_t M, int64_t K, const REAL *packed,
                           int64_t N, REAL *out, int64_t ld_out, const REAL *add, int64_t ld_add) {
-    const int64_t panels = (N + PANEL - 1) / PANEL;
+    const int64_t row_blocks = (M + PANEL_ROWS - 1) / PANEL_ROWS;
+    const int64_t blocks = (N + PANEL - 1) / PANEL * row_blocks;
     const int64_t thread = THREAD_INDEX, threads = THREAD_COUNT;
-    const int64_t first = panels * thread / threads, end = panels * (thread + 1) / threads;
-    for (int64_t p = first; p < end; p++) {
+    const int64_t first = blocks * thread / threads, end = blocks * (thread + 1) / threads;
+    for (int64_t block = first; block < end; block++) {
+        const int64_t p = block / row_blocks, i = block % row_blocks * PANEL_ROWS;
         const int64_t column = p * PANEL, columns = N - column < PANEL ? N - column : PANEL;
-        const REAL *panel = packed + p * K * PANEL;
-        int64_t i = 0;
-        for (; i + PANEL_ROWS <= M; i += PANEL_ROWS)
-            NAME(panel_rows)(a + i * lda, lda, panel, K, out + i * ld_out + column, ld_out,
-                             add + i * ld_add + column, ld_add, columns, PANEL_ROWS);
-#define REST(ROWS)                                                                                \
-    NAME(panel_rows)(a + i * lda, lda, panel, K, out + i * ld_out + column, ld_out,              \
-                     add + i * ld_add + column, ld_add, columns, ROWS)
+#define ROWS(COUNT)                                                                               \
+    NAME(panel_rows)(a + i * lda, lda, packed + p * K * PANEL, K, out + i * ld_out + column,      \
+                     ld_out, add + i * ld_add + column, ld_add, columns, COUNT)
         switch (M - i) {
-        case 1: REST(1); break;
-        case 2: REST(2); break;
-        case 3: REST(3); break;
-        default: break;
+        case 1: ROWS(1); break;
+        case 2: ROWS(2); break;
+        case 3: ROWS(3); break;
+        default: ROWS(PANEL_ROWS); break;
         }
-#undef REST
+#undef ROWS
     }
 }
