@@ -140,8 +140,9 @@ class BNLSTMSequenceC(torch.autograd.Function):
         grads = {
             "grad_h": grad_hs[-1].clone(),
             "grad_c": grad_c_last.contiguous().clone(),
-            "grad_input": new(steps, batch, 4 * hidden),
-            "grad_recurrent": new(steps, batch, 4 * hidden),
+            # every step writes all of its δu_t and δr_t: no zeros needed
+            "grad_input": hiddens.new_empty(steps, batch, 4 * hidden),
+            "grad_recurrent": hiddens.new_empty(steps, batch, 4 * hidden),
             "grad_gamma_r": new(4 * hidden),
             "grad_gamma_c": new(hidden),
             "grad_beta_c": new(hidden),
