@@ -12,7 +12,7 @@ Each measurement runs in a fresh subprocess, on each available path:
 - ``fused`` (cells with a kernel for the device, where the case's settings allow it: not
   fast weights' matrix form): on CUDA the cell's Triton kernel, the whole time loop in one
   launch each way, inside a captured graph as training runs it; on the CPU its C kernel
-  (``kernel=c``), each step's element-wise work in one call. ``eager`` and ``graph`` run such
+  (``kernel=c``), the whole time loop in one call each way. ``eager`` and ``graph`` run such
   cells with ``kernel=torch``, their PyTorch reference.
 
 Float32 products follow ``--matmul-precision`` (torch's setting; default ``high``, fwlab's

@@ -243,3 +243,75 @@ def test_c_kernel_passes_gradcheck_in_float64(mode):
         return outputs, final.c
 
     torch.autograd.gradcheck(run, (x, h0, c0, *[p.detach().requires_grad_() for p in params]))
+
+
+def c_kernel_and_reference(x: torch.Tensor, hidden: int) -> list[list[torch.Tensor]]:
+    """Outputs, c_T and the gradients of x and every parameter, of the C node and of the
+    stepwise reference in training, from the same weights, in ``x``'s dtype."""
+    results = []
+    for recurrence, kernel in (("fused", "c"), ("stepwise", "torch")):
+        cell = make(hidden, recurrence=recurrence, kernel=kernel).to(x.dtype)
+        inputs = x.clone().requires_grad_(True)
+        outputs, final = cell(inputs)
+        assert made_by(outputs, "BNLSTMSequenceC") == (kernel == "c")
+        weights = torch.linspace(-1, 2, hidden, dtype=x.dtype)
+        loss = (outputs * weights).pow(2).sum() + final.c.pow(2).sum()
+        gradients = torch.autograd.grad(loss, [inputs, *cell.parameters()])
+        results.append([outputs, final.c, *gradients])
+    return results
+
+
+@C_KERNEL
+@pytest.mark.parametrize(
+    ("batch", "hidden", "dtype"),
+    [
+        (7, 13, torch.float64),
+        (5, 25, torch.float64),
+        (8, 25, torch.float32),
+        (6, 3, torch.float32),
+    ],
+)
+def test_c_kernel_matches_the_reference_for_any_batch_and_hidden_size(batch, hidden, dtype):
+    """The C pass's recurrent products (step_products.h) take the result's columns by panels of
+    three vectors (12 in float64, 24 in float32), the last one partial, and the batch by blocks
+    of 4 rows, then 1 to 3 rows alone: between them these cases have whole and partial panels in
+    both products (4H columns forward, H backward; H = 3 has no whole one) and 3, 1, 0 and 2
+    rows left over."""
+    torch.manual_seed(1)
+    got, want = c_kernel_and_reference(torch.randn(batch, 5, 3, dtype=dtype), hidden)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    for got_part, want_part in zip(got, want, strict=True):
+        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+
+
+@C_KERNEL
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernel_gives_the_same_results_on_any_number_of_threads(threads):
+    """The C pass shares each step's product out among torch's threads by blocks of the result
+    (OpenMP, where the compiler has it), each block on one thread: one thread or two must give
+    the node the same bits (at 25 units: several panels in both products; 7 sequences). The
+    node alone, from a fixed input part: torch's batch norm of the input part reduces in an
+    order that depends on its threads."""
+    cell = make(25, kernel="c")
+    generator = torch.Generator().manual_seed(3)
+    input_part = torch.randn(7, 5, 100, dtype=torch.float64, generator=generator)
+    h0, c0 = (torch.randn(7, 25, dtype=torch.float64, generator=generator) for _ in range(2))
+    weights = [cell.recurrent_weights, cell.recurrent_norm.weight, *cell.cell_norm.parameters()]
+
+    def run() -> list[torch.Tensor]:
+        inputs = [t.detach().clone().requires_grad_(True) for t in (input_part, *weights, h0, c0)]
+        norms = (cell.recurrent_norm, cell.cell_norm)
+        outputs, c = bn_lstm_cpu.BNLSTMSequenceC.apply(*inputs, *norms, 0)
+        loss = (outputs * torch.linspace(-1, 2, 25, dtype=torch.float64)).pow(2).sum()
+        return [outputs, c, *torch.autograd.grad(loss + c.pow(2).sum(), inputs)]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = run()
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(before)
+    for got_part, want_part in zip(got, want, strict=True):
+        assert torch.equal(got_part, want_part)

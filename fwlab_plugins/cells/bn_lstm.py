@@ -13,8 +13,8 @@ gate's block, W_x orthogonal. The forget bias starts at ``forget_bias`` (fwlab's
 
 The whole-sequence forward runs the recurrence as one autograd node with a hand-written backward
 (:mod:`.bn_lstm_sequence`); ``model.recurrence=stepwise`` runs autograd through :meth:`step`'s
-code instead, the reference the tests hold it to. On the CPU that node does each step's
-element-wise work in one C call (:mod:`.kernels.bn_lstm_cpu`, ``model.kernel=auto|c``), where a
+code instead, the reference the tests hold it to. On the CPU that node runs its time loop, the
+recurrent products included, in C (:mod:`.kernels.bn_lstm_cpu`, ``model.kernel=auto|c``), where a
 C compiler is available; ``model.kernel=torch`` keeps its PyTorch code.
 """
 

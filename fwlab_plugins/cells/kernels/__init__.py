@@ -3,8 +3,8 @@
 On CUDA a Triton kernel runs the whole time loop of a cell in one launch, its recurrent weights
 loaded on chip once, and a matching backward kernel runs the loop in reverse. The weight
 gradients, sums over every step, are then one large matrix product outside the kernel. On the
-CPU a C kernel (:mod:`.native`) does each step's element-wise work in one call between torch's
-matrix products. The cells' plain PyTorch code stays the fallback and the reference the kernels
+CPU a C kernel (:mod:`.native`) runs the time loop, its per-step products included, in one call
+each way. The cells' plain PyTorch code stays the fallback and the reference the kernels
 are tested against; on the CPU, Triton's interpreter (``TRITON_INTERPRET=1``) runs the Triton
 kernels, which is how the tests check them without a GPU.
 """

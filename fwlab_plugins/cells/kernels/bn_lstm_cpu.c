@@ -1,10 +1,12 @@
-/* The BN-LSTM's per-step element-wise work on the CPU, forward and backward, as one C function
- * each (see bn_lstm_cpu.py for the equations and for how the steps are driven).
+/* The BN-LSTM's time loop on the CPU, forward and backward (see bn_lstm_cpu.py for the
+ * equations and for what the driver does around it).
  *
- * A step's element-wise work is two batch norms, four activations and the cell update over a
- * (B, 4H) block. As ATen calls it is some twenty passes of at least ~10 µs each at B = 16; here
- * it is three passes over the block, which stays in L1/L2. The matrix products stay with torch
- * (MKL), one per step each way, called by the Python driver between these functions.
+ * Per step: the recurrent product r_t = W_h h_{t-1} (backward: δh_{t-1} = δr_t W_h +
+ * ∂L/∂h_{t-1}) on all threads (step_products.h), and the step's element-wise work, two batch
+ * norms, four activations and the cell update over a (B, 4H) block, on one thread. As ATen
+ * calls that work is some twenty passes of at least ~10 µs each at B = 16; here it is three
+ * passes over the block, which stays in L1/L2. The weight gradient, a sum over steps, is left
+ * to the driver.
  *
  * Buffers are time-major, (T, B, F) for per-sample quantities and (T, F) for per-step
  * statistics; every pointer is to contiguous memory of the driver's dtype. The file is compiled
@@ -13,15 +15,20 @@
 #include <tgmath.h>  /* exp, sqrt in REAL: expf and sqrtf for float */
 #include <stdint.h>
 
+#include "step_products.h"
+
 typedef struct {
     int64_t batch, hidden, training;
     /* training: the running statistics' rows are min(start + t, slots - 1) of (slots, F)
      * buffers, updated in place; evaluation: (T, F) population statistics, rows t (start 0,
      * slots T) */
     int64_t start, slots;
+    int64_t threads;          /* the most threads a pass may use */
     double momentum, eps;
     const REAL *input_part;   /* u_t = BN(W_x x_t) + b, (T, B, 4H) */
-    REAL *recurrent;          /* r_t = W_h h_{t-1}, (T, B, 4H), written by the driver */
+    const REAL *recurrent_weights; /* W_h, (4H, H) */
+    const REAL *h0;           /* (B, H) */
+    REAL *recurrent;          /* r_t = W_h h_{t-1}, (T, B, 4H) */
     REAL *activations;        /* σ(f), σ(i), σ(o), tanh(g), (T, B, 4H) */
     REAL *cells;              /* c_t, (T, B, H) */
     REAL *tanh_n;             /* tanh(BN(c_t)), (T, B, H) */
@@ -32,7 +39,9 @@ typedef struct {
     REAL *mean_c, *rho_c;     /* (T, H); ρ = 1/sqrt(σ² + ε) */
     REAL *stat_mean_r, *stat_var_r, *stat_mean_c, *stat_var_c;
     /* backward */
+    const REAL *grad_outputs; /* ∂L/∂h_t, (T, B, H) */
     REAL *grad_h;             /* δh_t on entry (output's and carried), (B, H) */
+    REAL *grad_h0;            /* δh_0, (B, H) */
     REAL *grad_c;             /* δc carried from t + 1, updated to δc_{t-1}, (B, H) */
     REAL *grad_input;         /* δu_t, (T, B, 4H) */
     REAL *grad_recurrent;     /* δr_t, (T, B, 4H) */
@@ -79,8 +88,8 @@ static int64_t NAME(row)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     return row < p->slots - 1 ? row : p->slots - 1;
 }
 
-/* Step t after the driver wrote r_t: gates, c_t, h_t and the statistics. */
-void NAME(bn_lstm_forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
+/* Step t once r_t is written: gates, c_t, h_t and the statistics. */
+static void NAME(forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     const int64_t batch = p->batch, hidden = p->hidden, four = 4 * hidden;
     const REAL *u = p->input_part + t * batch * four, *r = p->recurrent + t * batch * four;
     REAL *act = p->activations + t * batch * four;
@@ -125,8 +134,8 @@ void NAME(bn_lstm_forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
 }
 
 /* Step t backward, from δh_t (p->grad_h) and the carried δc: δu_t, δr_t, the carried δc_{t-1}
- * and the γ/β sums. The driver then forms δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1}. */
-void NAME(bn_lstm_backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
+ * and the γ/β sums. δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1} comes after. */
+static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     const int64_t batch = p->batch, hidden = p->hidden, four = 4 * hidden;
     const REAL *r = p->recurrent + t * batch * four, *act = p->activations + t * batch * four;
     const REAL *c = p->cells + t * batch * hidden, *tn = p->tanh_n + t * batch * hidden;
@@ -198,4 +207,54 @@ void NAME(bn_lstm_backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
             gr[j] = p->gamma_r[j] * rho_r[j] * d;
         }
     }
+}
+
+/* The forward pass over `steps` steps: per step the product r_t = h_{t-1} W_hᵀ shared out
+ * among the threads, then the step's element-wise work on one of them (a batch norm's
+ * statistics take the whole batch), the threads meeting between the two. Returns 0, or −1 if
+ * the packed weights cannot be allocated (and then computes nothing). */
+int NAME(bn_lstm_forward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
+    const int64_t B = p->batch, H = p->hidden, G = 4 * H;
+    REAL *weights = NAME(panels_alloc)(H, G);
+    if (weights == NULL) return -1;
+#pragma omp parallel num_threads(p->threads)
+    {
+        NAME(pack_panels)(p->recurrent_weights, H, G, 1, H, weights); /* W_hᵀ */
+        for (int64_t t = 0; t < steps; t++) {
+            const REAL *h_before = t ? p->hiddens + (t - 1) * B * H : p->h0;
+            NAME(product)(h_before, H, B, H, weights, G, p->recurrent + t * B * G, G, NULL, 0);
+#pragma omp barrier
+#pragma omp single
+            NAME(forward_step)(p, t);
+        }
+    }
+    free(weights);
+    return 0;
+}
+
+/* The backward pass over `steps` steps, from ∂L/∂h_t (grad_outputs), δh_{T-1} (grad_h: its
+ * ∂L/∂h) and the carried δc: per step in reverse the element-wise work on one thread, then
+ * δh_{t-1} = ∂L/∂h_{t-1} + δr_t W_h (δh_0 = δr_0 W_h into grad_h0) shared out among the
+ * threads. Returns 0, or −1 if the packed weights cannot be allocated. */
+int NAME(bn_lstm_backward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
+    const int64_t B = p->batch, H = p->hidden, G = 4 * H;
+    REAL *weights = NAME(panels_alloc)(G, H);
+    if (weights == NULL) return -1;
+#pragma omp parallel num_threads(p->threads)
+    {
+        NAME(pack_panels)(p->recurrent_weights, G, H, H, 1, weights); /* W_h */
+        for (int64_t t = steps - 1; t >= 0; t--) {
+#pragma omp single
+            NAME(backward_step)(p, t);
+            const REAL *grad_r = p->grad_recurrent + t * B * G;
+            if (t > 0)
+                NAME(product)(grad_r, G, B, G, weights, H, p->grad_h, H,
+                              p->grad_outputs + (t - 1) * B * H, H);
+            else
+                NAME(product)(grad_r, G, B, G, weights, H, p->grad_h0, H, NULL, 0);
+#pragma omp barrier
+        }
+    }
+    free(weights);
+    return 0;
 }

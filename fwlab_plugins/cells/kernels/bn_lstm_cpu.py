@@ -1,11 +1,13 @@
-"""The BN-LSTM's sequence node on the CPU with each step's element-wise work in C
-(``bn_lstm_cpu.c``, compiled by :mod:`.native`).
+"""The BN-LSTM's sequence node on the CPU with its time loop in C (``bn_lstm_cpu.c``, compiled
+by :mod:`.native`).
 
 It computes what :class:`~fwlab_plugins.cells.bn_lstm_sequence.BNLSTMSequence` computes, with the
-same equations (written out there), and that node stays the reference. Per step, torch runs the
-recurrent product r_t = W_h h_{t-1} (forward) and δh_{t-1} = δr_t W_h (backward), and one C call
-does the rest of the step: at B = 16 the Python node's twenty-odd ATen calls per step cost more
-than the product itself.
+same equations (written out there), and that node stays the reference. Per step the C code runs
+the recurrent product r_t = W_h h_{t-1} (backward: δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1}) with its
+own small-product kernel (``step_products.h``: at B = 16 faster than a BLAS call per step) and
+the rest of the step in one pass: at B = 16 the Python node's twenty-odd ATen calls per step
+cost more than the product itself. The weight gradient, a sum over steps, is one product
+(torch's) at the end.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 SOURCE = Path(__file__).with_name("bn_lstm_cpu.c")
 
 _POINTERS = [
-    "input_part", "recurrent", "activations", "cells", "tanh_n", "hiddens", "c0",
-    "gamma_r", "gamma_c", "beta_c", "mean_r", "rho_r", "mean_c", "rho_c",
+    "input_part", "recurrent_weights", "h0", "recurrent", "activations", "cells", "tanh_n",
+    "hiddens", "c0", "gamma_r", "gamma_c", "beta_c", "mean_r", "rho_r", "mean_c", "rho_c",
     "stat_mean_r", "stat_var_r", "stat_mean_c", "stat_var_c",
-    "grad_h", "grad_c", "grad_input", "grad_recurrent", "grad_gamma_r", "grad_gamma_c",
-    "grad_beta_c", "scratch",
+    "grad_outputs", "grad_h", "grad_h0", "grad_c", "grad_input", "grad_recurrent",
+    "grad_gamma_r", "grad_gamma_c", "grad_beta_c", "scratch",
 ]  # fmt: skip
 
 
@@ -35,7 +37,7 @@ _SAVED = {
 }  # fmt: skip
 _Buffers = native.structure(  # BNLSTMBuffers of the C file
     "BNLSTMBuffers",
-    ["batch", "hidden", "training", "start", "slots"],
+    ["batch", "hidden", "training", "start", "slots", "threads"],
     ["momentum", "eps"],
     _POINTERS,
 )
@@ -44,6 +46,12 @@ _Buffers = native.structure(  # BNLSTMBuffers of the C file
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the C node cannot run on ``device`` in ``dtype``, or ``None``."""
     return native.cannot_run(SOURCE, device, dtype)
+
+
+def _run(function: str, buffers: ctypes.Structure, steps: int) -> None:
+    """Calls a pass of the C file (``bn_lstm_forward_float`` …) over ``steps`` steps."""
+    if getattr(native.load(SOURCE), function)(ctypes.byref(buffers), steps) != 0:
+        raise MemoryError(f"{function}: cannot allocate the packed weights of the step product")
 
 
 def _statistics(
@@ -76,13 +84,14 @@ class BNLSTMSequenceC(torch.autograd.Function):
         cell_norm: StepwiseBatchNorm,
         start: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        library = native.load(SOURCE)
         suffix = native.dtype_suffix(input_part.dtype)
         batch, steps, four_hidden = input_part.shape
         hidden = four_hidden // 4
         new = input_part.new_empty
         tensors = {
             "input_part": input_part.transpose(0, 1).contiguous(),  # time-major
+            "recurrent_weights": recurrent_weights.contiguous(),
+            "h0": h0.contiguous(),
             "recurrent": new(steps, batch, four_hidden),
             "activations": new(steps, batch, four_hidden),
             "cells": new(steps, batch, hidden),
@@ -106,18 +115,12 @@ class BNLSTMSequenceC(torch.autograd.Function):
             "stat_mean_r": mean_r, "stat_var_r": var_r,
             "stat_mean_c": mean_c, "stat_var_c": var_c,
         }  # fmt: skip
+        # the C pass runs on torch's intra-op threads (native.py), at most these
         settings = (
             batch, hidden, int(recurrent_norm.training), start_r, slots_r,
-            recurrent_norm.momentum, recurrent_norm.eps,
+            torch.get_num_threads(), recurrent_norm.momentum, recurrent_norm.eps,
         )  # fmt: skip
-        buffers = native.fill(_Buffers, settings, tensors)
-        forward_step = getattr(library, f"bn_lstm_forward_step_{suffix}")
-        recurrent_weights_t = recurrent_weights.T.contiguous()  # MKL's faster layout
-        h, address = h0, ctypes.byref(buffers)
-        for t, (r, h_t) in enumerate(zip(tensors["recurrent"], tensors["hiddens"])):
-            torch.mm(h, recurrent_weights_t, out=r)
-            forward_step(address, t)
-            h = h_t
+        _run(f"bn_lstm_forward_{suffix}", native.fill(_Buffers, settings, tensors), steps)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
         # their addresses afresh); the statistics and the scratch are not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name in _SAVED}
@@ -138,7 +141,10 @@ class BNLSTMSequenceC(torch.autograd.Function):
         new = hiddens.new_zeros
         grad_hs = grad_hs.transpose(0, 1).contiguous()
         grads = {
+            "recurrent_weights": recurrent_weights.contiguous(),
+            "grad_outputs": grad_hs,
             "grad_h": grad_hs[-1].clone(),
+            "grad_h0": h0.new_empty(batch, hidden),
             "grad_c": grad_c_last.contiguous().clone(),
             # every step writes all of its δu_t and δr_t: no zeros needed
             "grad_input": hiddens.new_empty(steps, batch, 4 * hidden),
@@ -149,16 +155,12 @@ class BNLSTMSequenceC(torch.autograd.Function):
             "scratch": new(2, 4 * hidden),
         }
         buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
-        backward_step = getattr(native.load(SOURCE), f"bn_lstm_backward_step_{ctx.suffix}")
-        address, grad_h, grad_r = ctypes.byref(buffers), grads["grad_h"], grads["grad_recurrent"]
-        for t in range(steps - 1, 0, -1):
-            backward_step(address, t)
-            # δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1}, into the buffer the next call reads
-            torch.addmm(grad_hs[t - 1], grad_r[t], recurrent_weights, out=grad_h)
-        backward_step(address, 0)
-        grad_h0 = grad_r[0] @ recurrent_weights
+        _run(f"bn_lstm_backward_{ctx.suffix}", buffers, steps)
+        grad_r = grads["grad_recurrent"]
         previous = torch.cat([h0.unsqueeze(0), hiddens[:-1]], dim=0)  # h_{t-1} for every t
         grad_w = grad_r.reshape(-1, 4 * hidden).T @ previous.reshape(-1, hidden)
         grad_input = grads["grad_input"].transpose(0, 1).contiguous()
-        return (grad_input, grad_w, grads["grad_gamma_r"], grads["grad_gamma_c"],
-                grads["grad_beta_c"], grad_h0, grads["grad_c"], None, None, None)  # fmt: skip
+        return (
+            grad_input, grad_w, grads["grad_gamma_r"], grads["grad_gamma_c"], grads["grad_beta_c"],
+            grads["grad_h0"], grads["grad_c"], None, None, None,
+        )  # fmt: skip

@@ -27,24 +27,11 @@
  * batch's sequences (each backward thread with its own part of the scratch buffer), a product
  * the columns of its result, and the threads meet between the parts of a step.
  */
-#ifndef THREAD_INDEX
-#ifdef _OPENMP
-#include <omp.h>
-#define THREAD_INDEX omp_get_thread_num()
-#else
-#define THREAD_INDEX 0
-#endif
-#endif
-#ifndef THREAD_COUNT
-#ifdef _OPENMP
-#define THREAD_COUNT omp_get_num_threads()
-#else
-#define THREAD_COUNT 1
-#endif
-#endif
 #include <stdint.h>
 #include <string.h>
 #include <tgmath.h> /* exp, sqrt in REAL: expf and sqrtf for float */
+
+#include "step_products.h" /* and vectors.h: NAME(vec), LANES, THREAD_INDEX */
 
 #define COSINE_EPS 1e-8 /* lru_addressing.COSINE_EPS */
 
@@ -88,16 +75,13 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
     return sum;
 }
 
-/* The memory passes' hot loops run on blocks of LANES slots, one 32-byte vector each (GCC's and
- * Clang's vector extension: an AVX register on x86, two NEON registers on ARM), doing all heads'
- * work on a block while it is in a register instead of one pass over the memory per head; the
- * slots after the last whole block (none at N = 128) go through the scalar loops that follow.
- * The passes that keep per-head sums of a block in registers (the three functions below) run by
- * blocks where R is at most REGISTER_HEADS (the paper's 4), called through WITH_LITERAL_HEADS so
- * that the heads' count is a literal the compiler unrolls into registers, and slot by slot for
- * more heads. */
-typedef REAL NAME(vec) __attribute__((vector_size(32)));
-#define LANES ((int64_t)(32 / sizeof(REAL)))
+/* The memory passes' hot loops run on blocks of LANES slots, one 32-byte vector each (NAME(vec),
+ * vectors.h), doing all heads' work on a block while it is in a register instead of one pass
+ * over the memory per head; the slots after the last whole block (none at N = 128) go through
+ * the scalar loops that follow. The passes that keep per-head sums of a block in registers (the
+ * three functions below) run by blocks where R is at most REGISTER_HEADS (the paper's 4), called
+ * through WITH_LITERAL_HEADS so that the heads' count is a literal the compiler unrolls into
+ * registers, and slot by slot for more heads. */
 #define REGISTER_HEADS 4
 #define WITH_LITERAL_HEADS(R, CALL)                                                               \
     switch (R) {                                                                                  \
@@ -106,16 +90,6 @@ typedef REAL NAME(vec) __attribute__((vector_size(32)));
     case 3: CALL(3); break;                                                                       \
     default: CALL(4);                                                                             \
     }
-
-static inline NAME(vec) NAME(load)(const REAL *from) {
-    NAME(vec) v;
-    memcpy(&v, from, sizeof v); /* an unaligned vector load */
-    return v;
-}
-
-static inline void NAME(store)(REAL *to, NAME(vec) v) { memcpy(to, &v, sizeof v); }
-
-#include "step_products.h"
 
 static inline REAL NAME(lane_sum)(NAME(vec) v) {
     REAL sum = 0;

@@ -1,15 +1,15 @@
 """C kernels for the CPU: compiled from source with the system's C compiler on first use, cached
 on disk, and called through ``ctypes``.
 
-A C kernel does a cell's element-wise work of one time step in one call, where ATen would make a
-pass over the step's tensors per operation. The products over all steps stay with torch
-(MKL/oneDNN); the per-step ones do too (``bn_lstm``), or the kernel runs the whole time loop with
-its own (``lru_ntm``, ``step_products.h``: at a batch of 16 a BLAS call per step is slow).
+A C kernel runs a cell's whole time loop in one call each way: a step's element-wise work in a
+few passes, where ATen would make a pass over the step's tensors per operation, and the per-step
+products with its own small-product code (``step_products.h``: at a batch of 16 a BLAS call per
+step is slow). The products over all steps (weight gradients) stay with torch (MKL/oneDNN).
 The source is compiled once per dtype (``REAL`` is ``float`` or ``double``; ``NAME(f)`` gives
 ``f_float`` or ``f_double``), with ``-ffast-math`` so that the compiler vectorises ``exp``
 through glibc's vector math library. The object is linked without it, so that the library does
 not switch the whole process to flush-to-zero when it is loaded. Where the compiler has OpenMP
-the library is built with it, and a kernel's loops over the batch run on torch's threads.
+the library is built with it, and a kernel's parallel region runs on torch's threads.
 
 The compiled library is cached under ``$FWLAB_KERNEL_CACHE`` (default
 ``~/.cache/fwlab/kernels``), keyed by the source (with the files it includes from its own

@@ -12,11 +12,11 @@
  * through the whole K loop: per k, 3 vector loads of the panel and 4 broadcasts of A feed 12
  * fused multiply-adds.
  *
- * The including file defines REAL, NAME(x), NAME(vec) (a 32-byte vector of REAL), LANES (REALs
- * per vector), NAME(load) and NAME(store) (unaligned vector moves), THREAD_INDEX and
- * THREAD_COUNT (the calling thread and the region's threads; 0 and 1 without OpenMP).
+ * The including file defines REAL and NAME(x), as for vectors.h.
  */
 #include <stdlib.h>
+
+#include "vectors.h"
 
 #define PANEL (3 * LANES) /* columns per packed panel: three vectors */
 #define PANEL_ROWS 4      /* rows of the result a micro-kernel call keeps in registers */
@@ -46,7 +46,8 @@ static void NAME(pack_panels)(const REAL *b, int64_t K, int64_t N, int64_t k_str
 
 /* out = add + A·panel for ROWS (a literal) rows of A (lda apart) and the first `columns` (at
  * most PANEL) columns of one packed panel; out's and add's rows ld_out and ld_add apart (0
- * broadcasts one row of add, a bias; add may be out itself, to accumulate). */
+ * broadcasts one row of add, a bias; add may be out itself, to accumulate, or NULL: out =
+ * A·panel). */
 static inline __attribute__((always_inline)) void NAME(panel_rows)(
     const REAL *a, int64_t lda, const REAL *panel, int64_t K, REAL *out, int64_t ld_out,
     const REAL *add, int64_t ld_add, int64_t columns, const int ROWS) {
@@ -66,19 +67,24 @@ static inline __attribute__((always_inline)) void NAME(panel_rows)(
     }
     for (int i = 0; i < ROWS; i++) {
         REAL *to = out + i * ld_out;
-        const REAL *from = add + i * ld_add;
-        if (columns == PANEL) {
+        if (add != NULL && columns == PANEL) {
+            const REAL *from = add + i * ld_add;
             for (int v = 0; v < 3; v++)
                 NAME(store)(to + v * LANES, NAME(load)(from + v * LANES) + sums[i][v]);
-        } else {
+        } else if (add != NULL) {
+            const REAL *from = add + i * ld_add;
             REAL sum[PANEL];
             memcpy(sum, sums[i], sizeof sum);
             for (int64_t j = 0; j < columns; j++) to[j] = from[j] + sum[j];
+        } else {
+            REAL sum[PANEL];
+            memcpy(sum, sums[i], sizeof sum);
+            memcpy(to, sum, (size_t)columns * sizeof(REAL));
         }
     }
 }
 
-/* out (M × N) = add + A (M × K) · B, B packed by pack_panels: the calling thread's share of
+/* out (M × N) = add + A (M × K) · B (add as in panel_rows), B packed by pack_panels: the calling thread's share of
  * the result's blocks of PANEL_ROWS rows × one panel, taken panel by panel (a thread's blocks
  * are consecutive, so it works on few panels) and the same share at every call (so that its
  * panels stay in its core's cache). Blocks rather than whole panels are shared out so that the
@@ -93,9 +99,10 @@ static void NAME(product)(const REAL *a, int64_t lda, int64_t M, int64_t K, cons
     for (int64_t block = first; block < end; block++) {
         const int64_t p = block / row_blocks, i = block % row_blocks * PANEL_ROWS;
         const int64_t column = p * PANEL, columns = N - column < PANEL ? N - column : PANEL;
+        const REAL *from = add == NULL ? NULL : add + i * ld_add + column;
 #define ROWS(COUNT)                                                                               \
     NAME(panel_rows)(a + i * lda, lda, packed + p * K * PANEL, K, out + i * ld_out + column,      \
-                     ld_out, add + i * ld_add + column, ld_add, columns, COUNT)
+                     ld_out, from, ld_add, columns, COUNT)
         switch (M - i) {
         case 1: ROWS(1); break;
         case 2: ROWS(2); break;
