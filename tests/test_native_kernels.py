@@ -68,6 +68,10 @@ def test_an_edit_to_an_included_file_builds_a_new_library(fresh_build, tmp_path)
         answers.append(native.load(source).answer_float())
     assert answers == [41, 42]
     assert len(list(fresh_build.glob("answer-*.so"))) == 2
+    header.unlink()  # a missing header is the compiler's to report, by name
+    native.load.cache_clear()
+    with pytest.raises(native.NativeKernelUnavailable, match="answer.h"):
+        native.load(source)
 
 
 @pytest.mark.parametrize(
