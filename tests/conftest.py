@@ -7,7 +7,9 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ import torch
 # against the PyTorch reference anyway. Read when a kernel module is imported: set it first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -60,6 +64,17 @@ def autograd_node_names(tensor: torch.Tensor, depth: int = 3) -> set[str]:
 def made_by(tensor: torch.Tensor, node: str, depth: int = 3) -> bool:
     """Whether autograd made ``tensor`` with the custom Function ``node`` (its class name)."""
     return f"{node}Backward" in autograd_node_names(tensor, depth)
+
+
+def on_threads(threads: int, run: Callable[[], T]) -> T:
+    """``run()`` with ``threads`` of torch's intra-op threads (and so a C kernel's), the number
+    restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_executable(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
 from fwlab_plugins.cells.kernels import bn_lstm_cpu
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
-from .conftest import made_by
+from .conftest import made_by, on_threads
 
 CUDA = torch.cuda.is_available()
 
@@ -305,13 +305,6 @@ def test_c_kernel_gives_the_same_results_on_any_number_of_threads(threads):
         loss = (outputs * torch.linspace(-1, 2, 25, dtype=torch.float64)).pow(2).sum()
         return [outputs, c, *torch.autograd.grad(loss + c.pow(2).sum(), inputs)]
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        want = run()
-        torch.set_num_threads(threads)
-        got = run()
-    finally:
-        torch.set_num_threads(before)
+    want, got = on_threads(1, run), on_threads(threads, run)
     for got_part, want_part in zip(got, want, strict=True):
         assert torch.equal(got_part, want_part)

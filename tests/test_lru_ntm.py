@@ -11,7 +11,7 @@ from fwlab_plugins.cells import lru_addressing as addressing
 from fwlab_plugins.cells.kernels import lru_ntm_cpu
 from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig, LRUNTMState
 
-from .conftest import made_by
+from .conftest import made_by, on_threads
 
 N, W, R, H = 6, 3, 2, 5
 
@@ -262,6 +262,26 @@ def test_c_kernel_matches_the_reference_in_outputs_state_and_gradients(start):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
 
 
+def assert_c_kernel_matches_the_reference(config: LRUNTMConfig, batch: int, dtype: torch.dtype):
+    """The C node against the reference, from the same weights and a state mid-episode: outputs,
+    final state and the gradients of x, the state and the weights (float64 to 1e-9, float32 to
+    2e-4)."""
+    torch.manual_seed(0)
+    reference = LRUNTMCell(2, dataclasses.replace(config, kernel="torch")).to(dtype)
+    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c")).to(dtype)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(batch, 5, 2, dtype=dtype)
+    state = random_state(reference, batch, torch.Generator().manual_seed(1), dtype)
+    want = outputs_state_and_gradients(reference, x, state)
+    got = outputs_state_and_gradients(fused, x, state)
+    assert made_by(got[0], "LRUNTMSequenceC")
+    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
+    for got_part, want_part in zip(
+        [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
+    ):
+        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+
+
 @C_KERNEL
 @pytest.mark.parametrize(
     ("slots", "heads", "dtype"),
@@ -280,20 +300,7 @@ def test_c_kernel_matches_the_reference_for_any_slots_and_heads(slots, heads, dt
     up to 4 heads (more heads run slot by slot): each mix of those paths against the reference,
     with a partial block at the end in all cases but 12 slots in float64 (three whole blocks)."""
     config = LRUNTMConfig(hidden_size=H, memory_slots=slots, memory_width=W, read_heads=heads)
-    torch.manual_seed(0)
-    reference = LRUNTMCell(2, dataclasses.replace(config, kernel="torch")).to(dtype)
-    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c")).to(dtype)
-    fused.load_state_dict(reference.state_dict())
-    x = torch.randn(3, 5, 2, dtype=dtype)
-    state = random_state(reference, 3, torch.Generator().manual_seed(1), dtype)
-    want = outputs_state_and_gradients(reference, x, state)
-    got = outputs_state_and_gradients(fused, x, state)
-    assert made_by(got[0], "LRUNTMSequenceC")
-    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
-    for got_part, want_part in zip(
-        [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
-    ):
-        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+    assert_c_kernel_matches_the_reference(config, 3, dtype)
 
 
 @C_KERNEL
@@ -315,20 +322,7 @@ def test_c_kernel_matches_the_reference_for_any_batch_and_controller_size(
     panels in each of the four products (4H, R·W + H, R·W + R and H columns; only 4H = 24 in
     float32 is one whole panel and nothing more), and 1, 2, 3 and 0 rows left over."""
     config = LRUNTMConfig(hidden_size=hidden, memory_slots=N, memory_width=W, read_heads=heads)
-    torch.manual_seed(0)
-    reference = LRUNTMCell(2, dataclasses.replace(config, kernel="torch")).to(dtype)
-    fused = LRUNTMCell(2, dataclasses.replace(config, kernel="c")).to(dtype)
-    fused.load_state_dict(reference.state_dict())
-    x = torch.randn(batch, 5, 2, dtype=dtype)
-    state = random_state(reference, batch, torch.Generator().manual_seed(1), dtype)
-    want = outputs_state_and_gradients(reference, x, state)
-    got = outputs_state_and_gradients(fused, x, state)
-    assert made_by(got[0], "LRUNTMSequenceC")
-    tolerance = 1e-9 if dtype == torch.float64 else 2e-4
-    for got_part, want_part in zip(
-        [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
-    ):
-        torch.testing.assert_close(got_part, want_part, rtol=tolerance, atol=tolerance)
+    assert_c_kernel_matches_the_reference(config, batch, dtype)
 
 
 @C_KERNEL
@@ -366,14 +360,8 @@ def test_c_kernel_gives_the_same_results_on_any_number_of_threads(threads):
     cell = LRUNTMCell(2, config).double()
     x = torch.randn(5, 4, 2, dtype=torch.float64)
     state = random_state(cell, 5, torch.Generator().manual_seed(4))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        want = outputs_state_and_gradients(cell, x, state)
-        torch.set_num_threads(threads)
-        got = outputs_state_and_gradients(cell, x, state)
-    finally:
-        torch.set_num_threads(before)
+    want = on_threads(1, lambda: outputs_state_and_gradients(cell, x, state))
+    got = on_threads(threads, lambda: outputs_state_and_gradients(cell, x, state))
     for got_part, want_part in zip(
         [got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True
     ):

@@ -215,7 +215,7 @@ static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
  * the packed weights cannot be allocated (and then computes nothing). */
 int NAME(bn_lstm_forward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, G = 4 * H;
-    REAL *weights = NAME(panels_alloc)(H, G);
+    REAL *weights = NAME(packed_alloc)(NAME(packed_size)(H, G));
     if (weights == NULL) return -1;
 #pragma omp parallel num_threads(p->threads)
     {
@@ -238,7 +238,7 @@ int NAME(bn_lstm_forward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
  * threads. Returns 0, or −1 if the packed weights cannot be allocated. */
 int NAME(bn_lstm_backward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, G = 4 * H;
-    REAL *weights = NAME(panels_alloc)(G, H);
+    REAL *weights = NAME(packed_alloc)(NAME(packed_size)(G, H));
     if (weights == NULL) return -1;
 #pragma omp parallel num_threads(p->threads)
     {

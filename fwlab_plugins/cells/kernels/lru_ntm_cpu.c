@@ -467,12 +467,10 @@ static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t
 int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
     const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
-    REAL *recurrent = NAME(panels_alloc)(Z, G), *head = NAME(panels_alloc)(H, E);
-    if (recurrent == NULL || head == NULL) {
-        free(recurrent);
-        free(head);
-        return -1;
-    }
+    const int64_t recurrent_size = NAME(packed_size)(Z, G);
+    REAL *recurrent = NAME(packed_alloc)(recurrent_size + NAME(packed_size)(H, E));
+    if (recurrent == NULL) return -1;
+    REAL *head = recurrent + recurrent_size; /* in the same block */
 #pragma omp parallel num_threads(p->threads)
     {
         NAME(pack_panels)(p->recurrent_weights, Z, G, 1, Z, recurrent); /* W_recᵀ */
@@ -488,8 +486,7 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
             NAME(memory_forward_step)(p, t);
         }
     }
-    free(recurrent);
-    free(head);
+    free(recurrent); /* and head */
     return 0;
 }
 
@@ -501,12 +498,10 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
 int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
     const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
-    REAL *recurrent = NAME(panels_alloc)(G, Z), *head = NAME(panels_alloc)(E, H);
-    if (recurrent == NULL || head == NULL) {
-        free(recurrent);
-        free(head);
-        return -1;
-    }
+    const int64_t recurrent_size = NAME(packed_size)(G, Z);
+    REAL *recurrent = NAME(packed_alloc)(recurrent_size + NAME(packed_size)(E, H));
+    if (recurrent == NULL) return -1;
+    REAL *head = recurrent + recurrent_size; /* in the same block */
 #pragma omp parallel num_threads(p->threads)
     {
         NAME(pack_panels)(p->recurrent_weights, G, Z, Z, 1, recurrent); /* W_rec */
@@ -522,7 +517,6 @@ int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
 #pragma omp barrier
         }
     }
-    free(recurrent);
-    free(head);
+    free(recurrent); /* and head */
     return 0;
 }

@@ -21,11 +21,17 @@
 #define PANEL (3 * LANES) /* columns per packed panel: three vectors */
 #define PANEL_ROWS 4      /* rows of the result a micro-kernel call keeps in registers */
 
-/* Room for B (K × N) packed: whole panels, the last one zero-padded, 32-byte aligned; NULL if
- * the allocation fails. The caller frees it. */
-static REAL *NAME(panels_alloc)(int64_t K, int64_t N) {
-    const int64_t panels = (N + PANEL - 1) / PANEL;
-    const size_t bytes = (size_t)(panels * K * PANEL) * sizeof(REAL);
+/* The REALs B (K × N) takes packed: whole panels, the last one zero-padded. A multiple of
+ * PANEL (96 bytes), so packed matrices placed one after another in a block of packed_alloc
+ * stay 32-byte aligned. */
+static int64_t NAME(packed_size)(int64_t K, int64_t N) {
+    return (N + PANEL - 1) / PANEL * K * PANEL;
+}
+
+/* Room for `size` REALs of packed weights, 32-byte aligned; NULL if the allocation fails. The
+ * caller frees it. */
+static REAL *NAME(packed_alloc)(int64_t size) {
+    const size_t bytes = (size_t)size * sizeof(REAL);
     return aligned_alloc(32, (bytes + 31) / 32 * 32);
 }
 
