@@ -74,6 +74,22 @@ def test_an_edit_to_an_included_file_builds_a_new_library(fresh_build, tmp_path)
         native.load(source)
 
 
+def test_a_pass_that_cannot_allocate_raises_memory_error(fresh_build, tmp_path):
+    """A kernel's pass returns −1 when it cannot allocate its packed weights (having computed
+    nothing): run_pass says so as a MemoryError naming the pass, and a pass returning 0 passes."""
+    source = tmp_path / "passes.c"
+    source.write_text(
+        "#include <stdint.h>\n"
+        "int NAME(refuse)(const int64_t *steps_seen, int64_t steps) { return -1; }\n"
+        "int NAME(count)(int64_t *steps_seen, int64_t steps) { *steps_seen = steps; return 0; }\n"
+    )
+    buffers = native.structure("Seen", ["steps"], [], [])(0)
+    native.run_pass(source, "count_float", buffers, 7)
+    assert buffers.steps == 7
+    with pytest.raises(MemoryError, match="refuse_double: cannot allocate the packed weights"):
+        native.run_pass(source, "refuse_double", buffers, 7)
+
+
 @pytest.mark.parametrize(
     "compiler, reason",
     [("no-such-cc", "no C compiler ('no-such-cc' is not on PATH"), ("false", "false -O3 … failed")],

@@ -12,7 +12,6 @@ cost more than the product itself. The weight gradient, a sum over steps, is one
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -46,12 +45,6 @@ _Buffers = native.structure(  # BNLSTMBuffers of the C file
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the C node cannot run on ``device`` in ``dtype``, or ``None``."""
     return native.cannot_run(SOURCE, device, dtype)
-
-
-def _run(function: str, buffers: ctypes.Structure, steps: int) -> None:
-    """Calls a pass of the C file (``bn_lstm_forward_float`` …) over ``steps`` steps."""
-    if getattr(native.load(SOURCE), function)(ctypes.byref(buffers), steps) != 0:
-        raise MemoryError(f"{function}: cannot allocate the packed weights of the step product")
 
 
 def _statistics(
@@ -120,7 +113,8 @@ class BNLSTMSequenceC(torch.autograd.Function):
             batch, hidden, int(recurrent_norm.training), start_r, slots_r,
             torch.get_num_threads(), recurrent_norm.momentum, recurrent_norm.eps,
         )  # fmt: skip
-        _run(f"bn_lstm_forward_{suffix}", native.fill(_Buffers, settings, tensors), steps)
+        buffers = native.fill(_Buffers, settings, tensors)
+        native.run_pass(SOURCE, f"bn_lstm_forward_{suffix}", buffers, steps)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
         # their addresses afresh); the statistics and the scratch are not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name in _SAVED}
@@ -155,7 +149,7 @@ class BNLSTMSequenceC(torch.autograd.Function):
             "scratch": new(2, 4 * hidden),
         }
         buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
-        _run(f"bn_lstm_backward_{ctx.suffix}", buffers, steps)
+        native.run_pass(SOURCE, f"bn_lstm_backward_{ctx.suffix}", buffers, steps)
         grad_r = grads["grad_recurrent"]
         previous = torch.cat([h0.unsqueeze(0), hiddens[:-1]], dim=0)  # h_{t-1} for every t
         grad_w = grad_r.reshape(-1, 4 * hidden).T @ previous.reshape(-1, hidden)

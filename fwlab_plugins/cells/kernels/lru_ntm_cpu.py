@@ -18,7 +18,6 @@ steps, are one product each (torch's) at the end.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -58,12 +57,6 @@ def _scratch_size(heads: int, slots: int, width: int, threads: int) -> int:
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the C node cannot run on ``device`` in ``dtype``, or ``None``."""
     return native.cannot_run(SOURCE, device, dtype)
-
-
-def _run(function: str, buffers: ctypes.Structure, steps: int) -> None:
-    """Calls a pass of the C file (``lru_ntm_forward_float`` …) over ``steps`` steps."""
-    if getattr(native.load(SOURCE), function)(ctypes.byref(buffers), steps) != 0:
-        raise MemoryError(f"{function}: cannot allocate the packed weights of the step products")
 
 
 class LRUNTMSequenceC(torch.autograd.Function):
@@ -124,7 +117,8 @@ class LRUNTMSequenceC(torch.autograd.Function):
         tensors["usage"][0] = usage0
         # the C pass runs on torch's intra-op threads (native.py), at most these
         settings = (batch, hidden, heads, slots, width, torch.get_num_threads(), usage_decay)
-        _run(f"lru_ntm_forward_{suffix}", native.fill(_Buffers, settings, inputs | tensors), steps)
+        buffers = native.fill(_Buffers, settings, inputs | tensors)
+        native.run_pass(SOURCE, f"lru_ntm_forward_{suffix}", buffers, steps)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
         # their addresses afresh); the usage is not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
@@ -198,7 +192,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "head_weights": head_weights.contiguous(),
         }
         buffers = native.fill(_Buffers, ctx.settings, weights | tensors | grads)
-        _run(f"lru_ntm_backward_{ctx.suffix}", buffers, steps)
+        native.run_pass(SOURCE, f"lru_ntm_backward_{ctx.suffix}", buffers, steps)
         grad_gates, grad_head = grads["grad_gates"], grads["grad_head"]
         z = tensors["z"]
         flat_gates = grad_gates.view(steps * batch, 4 * hidden)

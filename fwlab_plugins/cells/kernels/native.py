@@ -196,6 +196,14 @@ def fill(
     return struct(*settings, *[pointer(tensors.get(field)) for field in pointers])
 
 
+def run_pass(source: Path, function: str, buffers: ctypes.Structure, steps: int) -> None:
+    """Calls ``function`` of ``source``'s library, a kernel's pass over ``steps`` steps, on its
+    argument struct ``buffers``. A pass returns 0, or −1 (having computed nothing) when it
+    cannot allocate the packed weights of its per-step products: a ``MemoryError`` here."""
+    if getattr(load(source), function)(ctypes.byref(buffers), steps) != 0:
+        raise MemoryError(f"{function}: cannot allocate the packed weights of the step products")
+
+
 def cannot_run(source: Path, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``source``'s kernel cannot run on ``device`` in ``dtype``, or ``None`` (building it
     on first use)."""

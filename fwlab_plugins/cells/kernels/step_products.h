@@ -90,12 +90,12 @@ static inline __attribute__((always_inline)) void NAME(panel_rows)(
     }
 }
 
-/* out (M × N) = add + A (M × K) · B (add as in panel_rows), B packed by pack_panels: the calling thread's share of
- * the result's blocks of PANEL_ROWS rows × one panel, taken panel by panel (a thread's blocks
- * are consecutive, so it works on few panels) and the same share at every call (so that its
- * panels stay in its core's cache). Blocks rather than whole panels are shared out so that the
- * threads get equal work when the panels are few (R·W + R = 164 columns are 7 float32 panels).
- * Every thread of the region calls it; they do not meet at its end. */
+/* out (M × N) = add + A (M × K) · B (add as in panel_rows), B packed by pack_panels: the
+ * calling thread's share of the result's blocks of PANEL_ROWS rows × one panel, taken panel by
+ * panel (a thread's blocks are consecutive, so it works on few panels) and the same share at
+ * every call (so that its panels stay in its core's cache). Blocks rather than whole panels are
+ * shared out so that the threads get equal work when the panels are few (R·W + R = 164 columns
+ * are 7 float32 panels). Every thread of the region calls it; they do not meet at its end. */
 static void NAME(product)(const REAL *a, int64_t lda, int64_t M, int64_t K, const REAL *packed,
                           int64_t N, REAL *out, int64_t ld_out, const REAL *add, int64_t ld_add) {
     const int64_t row_blocks = (M + PANEL_ROWS - 1) / PANEL_ROWS;
