@@ -47,7 +47,6 @@ typedef struct {
     REAL *grad_recurrent;     /* δr_t, (T, B, 4H) */
     REAL *grad_gamma_r;       /* (4H), summed over steps */
     REAL *grad_gamma_c, *grad_beta_c; /* (H), summed over steps */
-    REAL *scratch;            /* (2, 4H) */
 } NAME(BNLSTMBuffers);
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
@@ -88,8 +87,8 @@ static int64_t NAME(row)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     return row < p->slots - 1 ? row : p->slots - 1;
 }
 
-/* Step t once r_t is written: gates, c_t, h_t and the statistics. */
-static void NAME(forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
+/* Step t once r_t is written: gates, c_t, h_t and the statistics (`scratch`: 2·4H REALs). */
+static void NAME(forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t, REAL *scratch) {
     const int64_t batch = p->batch, hidden = p->hidden, four = 4 * hidden;
     const REAL *u = p->input_part + t * batch * four, *r = p->recurrent + t * batch * four;
     REAL *act = p->activations + t * batch * four;
@@ -101,7 +100,7 @@ static void NAME(forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     const int64_t row = NAME(row)(p, t);
     NAME(statistics)(p, r, four, mean_r, rho_r, p->stat_mean_r + row * four,
                      p->stat_var_r + row * four);
-    REAL *scale = p->scratch, *shift = p->scratch + four;  /* BN as x·scale + shift */
+    REAL *scale = scratch, *shift = scratch + four;  /* BN as x·scale + shift */
     for (int64_t j = 0; j < four; j++) {
         scale[j] = p->gamma_r[j] * rho_r[j];
         shift[j] = -mean_r[j] * scale[j];
@@ -134,8 +133,8 @@ static void NAME(forward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
 }
 
 /* Step t backward, from δh_t (p->grad_h) and the carried δc: δu_t, δr_t, the carried δc_{t-1}
- * and the γ/β sums. δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1} comes after. */
-static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
+ * and the γ/β sums (`scratch`: 2·4H REALs). δh_{t-1} = δr_t W_h + ∂L/∂h_{t-1} comes after. */
+static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t, REAL *scratch) {
     const int64_t batch = p->batch, hidden = p->hidden, four = 4 * hidden;
     const REAL *r = p->recurrent + t * batch * four, *act = p->activations + t * batch * four;
     const REAL *c = p->cells + t * batch * hidden, *tn = p->tanh_n + t * batch * hidden;
@@ -144,7 +143,7 @@ static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
     const REAL *mean_c = p->mean_c + t * hidden, *rho_c = p->rho_c + t * hidden;
     REAL *grad_a = p->grad_input + t * batch * four, *grad_r = p->grad_recurrent + t * batch * four;
     REAL *grad_h = p->grad_h, *grad_c = p->grad_c;
-    REAL *sum = p->scratch, *sum_x = p->scratch + four;  /* Σ_b d, Σ_b d x̂ */
+    REAL *sum = scratch, *sum_x = scratch + four;  /* Σ_b d, Σ_b d x̂ */
     const REAL inv_batch = (REAL)1 / (REAL)batch;
 
     /* δn = δh o (1 − tanh²n), into grad_h's place once δo is taken */
@@ -212,11 +211,13 @@ static void NAME(backward_step)(const NAME(BNLSTMBuffers) *p, int64_t t) {
 /* The forward pass over `steps` steps: per step the product r_t = h_{t-1} W_hᵀ shared out
  * among the threads, then the step's element-wise work on one of them (a batch norm's
  * statistics take the whole batch), the threads meeting between the two. Returns 0, or −1 if
- * the packed weights cannot be allocated (and then computes nothing). */
+ * the packed weights and the step's scratch cannot be allocated (and then computes nothing). */
 int NAME(bn_lstm_forward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, G = 4 * H;
-    REAL *weights = NAME(packed_alloc)(NAME(packed_size)(H, G));
+    const int64_t weights_size = NAME(packed_size)(H, G);
+    REAL *weights = NAME(packed_alloc)(weights_size + 2 * G);
     if (weights == NULL) return -1;
+    REAL *scratch = weights + weights_size; /* the same block */
 #pragma omp parallel num_threads(p->threads)
     {
         NAME(pack_panels)(p->recurrent_weights, H, G, 1, H, weights); /* W_hᵀ */
@@ -225,27 +226,29 @@ int NAME(bn_lstm_forward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
             NAME(product)(h_before, H, B, H, weights, G, p->recurrent + t * B * G, G, NULL, 0);
 #pragma omp barrier
 #pragma omp single
-            NAME(forward_step)(p, t);
+            NAME(forward_step)(p, t, scratch);
         }
     }
-    free(weights);
+    free(weights); /* and the scratch after it */
     return 0;
 }
 
 /* The backward pass over `steps` steps, from ∂L/∂h_t (grad_outputs), δh_{T-1} (grad_h: its
  * ∂L/∂h) and the carried δc: per step in reverse the element-wise work on one thread, then
  * δh_{t-1} = ∂L/∂h_{t-1} + δr_t W_h (δh_0 = δr_0 W_h into grad_h0) shared out among the
- * threads. Returns 0, or −1 if the packed weights cannot be allocated. */
+ * threads. Returns 0, or −1 if the packed weights and the step's scratch cannot be allocated. */
 int NAME(bn_lstm_backward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, G = 4 * H;
-    REAL *weights = NAME(packed_alloc)(NAME(packed_size)(G, H));
+    const int64_t weights_size = NAME(packed_size)(G, H);
+    REAL *weights = NAME(packed_alloc)(weights_size + 2 * G);
     if (weights == NULL) return -1;
+    REAL *scratch = weights + weights_size; /* the same block */
 #pragma omp parallel num_threads(p->threads)
     {
         NAME(pack_panels)(p->recurrent_weights, G, H, H, 1, weights); /* W_h */
         for (int64_t t = steps - 1; t >= 0; t--) {
 #pragma omp single
-            NAME(backward_step)(p, t);
+            NAME(backward_step)(p, t, scratch);
             const REAL *grad_r = p->grad_recurrent + t * B * G;
             if (t > 0)
                 NAME(product)(grad_r, G, B, G, weights, H, p->grad_h, H,
@@ -255,6 +258,6 @@ int NAME(bn_lstm_backward)(const NAME(BNLSTMBuffers) *p, int64_t steps) {
 #pragma omp barrier
         }
     }
-    free(weights);
+    free(weights); /* and the scratch after it */
     return 0;
 }

@@ -26,7 +26,7 @@ _POINTERS = [
     "hiddens", "c0", "gamma_r", "gamma_c", "beta_c", "mean_r", "rho_r", "mean_c", "rho_c",
     "stat_mean_r", "stat_var_r", "stat_mean_c", "stat_var_c",
     "grad_outputs", "grad_h", "grad_h0", "grad_c", "grad_input", "grad_recurrent",
-    "grad_gamma_r", "grad_gamma_c", "grad_beta_c", "scratch",
+    "grad_gamma_r", "grad_gamma_c", "grad_beta_c",
 ]  # fmt: skip
 
 
@@ -98,7 +98,6 @@ class BNLSTMSequenceC(torch.autograd.Function):
             "rho_r": new(steps, four_hidden),
             "mean_c": new(steps, hidden),
             "rho_c": new(steps, hidden),
-            "scratch": new(2, four_hidden),
         }
         mean_r, var_r, start_r, slots_r = _statistics(recurrent_norm, start, steps)
         mean_c, var_c, start_c, slots_c = _statistics(cell_norm, start, steps)
@@ -116,7 +115,7 @@ class BNLSTMSequenceC(torch.autograd.Function):
         buffers = native.fill(_Buffers, settings, tensors)
         native.run_pass(SOURCE, f"bn_lstm_forward_{suffix}", buffers, steps)
         # saved for backward (where a saved-tensors hook may move them: the backward pass takes
-        # their addresses afresh); the statistics and the scratch are not needed there
+        # their addresses afresh); the statistics are not needed there
         saved = {name: tensor for name, tensor in tensors.items() if name in _SAVED}
         ctx.settings, ctx.names, ctx.suffix = settings, list(saved), suffix
         ctx.save_for_backward(recurrent_weights, h0, *saved.values())
@@ -146,7 +145,6 @@ class BNLSTMSequenceC(torch.autograd.Function):
             "grad_gamma_r": new(4 * hidden),
             "grad_gamma_c": new(hidden),
             "grad_beta_c": new(hidden),
-            "scratch": new(2, 4 * hidden),
         }
         buffers = native.fill(_Buffers, ctx.settings, tensors | grads)
         native.run_pass(SOURCE, f"bn_lstm_backward_{ctx.suffix}", buffers, steps)

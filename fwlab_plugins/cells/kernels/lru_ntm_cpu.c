@@ -24,7 +24,7 @@
  *
  * A pass runs in one OpenMP parallel region of `threads` threads where the library is built
  * with OpenMP (torch's own threads, see native.py): a step's element-wise work shares out the
- * batch's sequences (each backward thread with its own part of the scratch buffer), a product
+ * batch's sequences (each backward thread with its own scratch), a product
  * the columns of its result, and the threads meet between the parts of a step.
  */
 #include <stdint.h>
@@ -63,8 +63,14 @@ typedef struct {
     REAL *grad_usage;   /* δw^u, (B, N) */
     REAL *grad_gates;   /* δ of the pre-activations, (T, B, 4H) */
     REAL *grad_head;    /* δ[k̃, α], (T, B, E) */
-    REAL *scratch;      /* (threads, 2·R·N + N + R·W + 2·R) */
 } NAME(LRUNTMBuffers);
+
+/* The REALs of one thread's scratch in memory_backward_step: δw^w and δK (R·N each), the slots'
+ * scales (N), δk (R·W), the keys' scales and δσ(α) (R each). */
+static int64_t NAME(backward_scratch_size)(const NAME(LRUNTMBuffers) *p) {
+    const int64_t R = p->heads, N = p->slots, W = p->width;
+    return 2 * R * N + N + R * W + 2 * R;
+}
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
 static inline REAL NAME(tanh_)(REAL x) { return (REAL)2 / ((REAL)1 + exp(-2 * x)) - (REAL)1; }
@@ -299,14 +305,15 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
 /* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
  * the carried gradients of the state before the step in place. Two passes over the memory:
- * the reads' backward, then the cosine's and the write's. */
-static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
+ * the reads' backward, then the cosine's and the write's. `scratch`: backward_scratch_size
+ * REALs per thread of the region. */
+static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, REAL *scratch) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
-        REAL *grad_write = p->scratch + THREAD_INDEX * (2 * R * N + N + R * W + 2 * R);
+        REAL *grad_write = scratch + THREAD_INDEX * NAME(backward_scratch_size)(p);
         REAL *grad_dots = grad_write + R * N;                              /* (R, N) each */
         REAL *slot_scale = grad_dots + R * N, *grad_keys = slot_scale + N; /* (N), (R, W) */
         REAL *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;    /* (R), (R) */
@@ -486,7 +493,7 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
             NAME(memory_forward_step)(p, t);
         }
     }
-    free(recurrent); /* and head */
+    free(recurrent); /* and what follows it in the block */
     return 0;
 }
 
@@ -494,20 +501,22 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
  * the carried gradients: per step t in reverse, the memory step's backward (δ[k̃, α]_t),
  *     δh_{t+1} += δ[k̃, α]_t W_head,  the controller step's backward (δgates_t),
  *     δz_t += δgates_t W_rec
- * (δz_t = δ[r_{t−1}, h_{t−1}]). Returns 0, or −1 if the packed weights cannot be allocated. */
+ * (δz_t = δ[r_{t−1}, h_{t−1}]). Returns 0, or −1 if the packed weights and the threads' scratch
+ * cannot be allocated. */
 int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
     const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
-    const int64_t recurrent_size = NAME(packed_size)(G, Z);
-    REAL *recurrent = NAME(packed_alloc)(recurrent_size + NAME(packed_size)(E, H));
+    const int64_t recurrent_size = NAME(packed_size)(G, Z), head_size = NAME(packed_size)(E, H);
+    const int64_t scratch_size = p->threads * NAME(backward_scratch_size)(p);
+    REAL *recurrent = NAME(packed_alloc)(recurrent_size + head_size + scratch_size);
     if (recurrent == NULL) return -1;
-    REAL *head = recurrent + recurrent_size; /* in the same block */
+    REAL *head = recurrent + recurrent_size, *scratch = head + head_size; /* the same block */
 #pragma omp parallel num_threads(p->threads)
     {
         NAME(pack_panels)(p->recurrent_weights, G, Z, Z, 1, recurrent); /* W_rec */
         NAME(pack_panels)(p->head_weights, E, H, H, 1, head);           /* W_head */
         for (int64_t t = steps - 1; t >= 0; t--) {
-            NAME(memory_backward_step)(p, t);
+            NAME(memory_backward_step)(p, t, scratch);
             REAL *grad_h = p->grad_z + (t + 1) * B * Z + RW;
             NAME(product)(p->grad_head + t * B * E, E, B, E, head, H, grad_h, Z, grad_h, Z);
 #pragma omp barrier
@@ -517,6 +526,6 @@ int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
 #pragma omp barrier
         }
     }
-    free(recurrent); /* and head */
+    free(recurrent); /* and what follows it in the block */
     return 0;
 }

@@ -32,7 +32,7 @@ _POINTERS = [
     "usage",
     "key_norms", "slot_norms", "scores", "least_used",
     "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
-    "grad_head", "scratch",
+    "grad_head",
 ]  # fmt: skip
 _UNSAVED = {"usage"}
 _Buffers = native.structure(  # LRUNTMBuffers of the C file
@@ -48,10 +48,6 @@ def _slot_minor(memory: torch.Tensor) -> torch.Tensor:
     (B, W, N). Always a copy, which the kernel may write to (``contiguous()`` of a transpose
     is the tensor itself when N or W is 1)."""
     return memory.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-
-
-def _scratch_size(heads: int, slots: int, width: int, threads: int) -> int:
-    return threads * (2 * heads * slots + slots + heads * width + 2 * heads)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -153,7 +149,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         recurrent_weights, head_weights, *saved = ctx.saved_tensors
         tensors = dict(zip(ctx.names, saved))
-        batch, hidden, heads, slots, width, threads, _ = ctx.settings
+        batch, hidden, heads, slots, width, _, _ = ctx.settings
         steps = tensors["gates"].shape[0]
         reads_size = heads * width
         # δ[r_t, h_t] for t = 0..T: the outputs' (and the final state's), the products' added
@@ -183,7 +179,6 @@ class LRUNTMSequenceC(torch.autograd.Function):
             "grad_usage": carried(grad_usage, batch, slots),
             "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
             "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
-            "scratch": grad_z.new_empty(_scratch_size(heads, slots, width, threads)),
         }
         # the backward pass undoes the steps' writes in a copy of M_T (it may run more than once)
         tensors["memory"] = tensors["memory"].clone()

@@ -199,9 +199,12 @@ def fill(
 def run_pass(source: Path, function: str, buffers: ctypes.Structure, steps: int) -> None:
     """Calls ``function`` of ``source``'s library, a kernel's pass over ``steps`` steps, on its
     argument struct ``buffers``. A pass returns 0, or −1 (having computed nothing) when it
-    cannot allocate the packed weights of its per-step products: a ``MemoryError`` here."""
+    cannot allocate its working memory (the packed weights of its per-step products and its
+    scratch): a ``MemoryError`` here."""
     if getattr(load(source), function)(ctypes.byref(buffers), steps) != 0:
-        raise MemoryError(f"{function}: cannot allocate the packed weights of the step products")
+        raise MemoryError(
+            f"{function}: cannot allocate the packed weights of the step products and its scratch"
+        )
 
 
 def cannot_run(source: Path, device: torch.device, dtype: torch.dtype) -> str | None:
