@@ -75,8 +75,9 @@ def test_an_edit_to_an_included_file_builds_a_new_library(fresh_build, tmp_path)
 
 
 def test_a_pass_that_cannot_allocate_raises_memory_error(fresh_build, tmp_path):
-    """A kernel's pass returns −1 when it cannot allocate its packed weights (having computed
-    nothing): run_pass says so as a MemoryError naming the pass, and a pass returning 0 passes."""
+    """A kernel's pass returns −1 when it cannot allocate its working memory, packed weights and
+    scratch (having computed nothing): run_pass says so as a MemoryError naming the pass, and a
+    pass returning 0 passes."""
     source = tmp_path / "passes.c"
     source.write_text(
         "#include <stdint.h>\n"
