@@ -99,7 +99,9 @@ class LRUNTMCell(Cell):
         return LRUNTMState(
             h=zeros(self.hidden_size),
             c=zeros(self.hidden_size),
-            memory=zeros(slots, width),
+            # (B, N, W) over slot-minor storage, the layout the C kernel works in: a state it
+            # returns, and a fresh one, go in with a plain copy instead of a transposing one
+            memory=zeros(width, slots).transpose(1, 2),
             read_weights=zeros(heads, slots),
             usage=zeros(slots),
             reads=zeros(heads, width),

@@ -129,7 +129,7 @@ class LRUNTMSequenceC(torch.autograd.Function):
             outputs,
             z[steps, :, reads_size:].clone(),
             tensors["cells"][steps].clone(),
-            _slot_minor(tensors["memory"]),
+            tensors["memory"].transpose(1, 2),  # a view: M_T as (B, N, W), not a copy
             tensors["read_weights"][steps].clone(),
             tensors["usage"][steps].clone(),
             z[steps, :, :reads_size].reshape(batch, heads, width).clone(),
