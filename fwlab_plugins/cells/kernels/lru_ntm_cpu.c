@@ -293,12 +293,11 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
                 for (int64_t i = blocks_end; i < N; i++)
                     reads[r * W + j] += read[r * N + i] * row[i];
         }
-        /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t */
-        for (int64_t i = 0; i < N; i++) {
-            REAL sum = gamma * usage[i];
-            for (int64_t r = 0; r < R; r++) sum += read[r * N + i] + write[r * N + i];
-            usage_after[i] = sum;
-        }
+        /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t, head by head over all slots (loops
+         * the compiler vectorises) */
+        for (int64_t i = 0; i < N; i++) usage_after[i] = gamma * usage[i];
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = 0; i < N; i++) usage_after[i] += read[r * N + i] + write[r * N + i];
     }
 }
 
