@@ -301,6 +301,28 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     }
 }
 
+/* One head's softmax and cosine backward over the N slots, from its read weights w^r, their
+ * gradient δw^r and inner = Σ_i w^r(i) δw^r(i): δK(i) = w^r(i) (δw^r(i) − inner) through the
+ * softmax, then K = dot / D, D = ‖k‖ ‖M(i)‖ + ε: δdot = δK / D into grad_dots, and
+ * δD = −δK dot / D², whose share of δ‖M(i)‖ is added to slot_scale; returns δ‖k‖. (restrict:
+ * the outputs overlap nothing else, so the compiler vectorises the loop.) */
+static REAL NAME(cosine_backward)(int64_t N, const REAL *restrict weights,
+                                  const REAL *restrict grad_weights, REAL inner,
+                                  const REAL *restrict dot, REAL key_norm,
+                                  const REAL *restrict slot_norms, REAL *restrict grad_dots,
+                                  REAL *restrict slot_scale) {
+    REAL grad_key_norm = 0;
+    for (int64_t i = 0; i < N; i++) {
+        const REAL reciprocal = (REAL)1 / (key_norm * slot_norms[i] + (REAL)COSINE_EPS);
+        const REAL grad_score = weights[i] * (grad_weights[i] - inner); /* δK */
+        const REAL grad_denominator = -grad_score * dot[i] * reciprocal * reciprocal;
+        grad_dots[i] = grad_score * reciprocal;
+        grad_key_norm += grad_denominator * slot_norms[i];
+        slot_scale[i] += grad_denominator * key_norm;
+    }
+    return grad_key_norm;
+}
+
 /* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
  * the carried gradients of the state before the step in place. Two passes over the memory:
@@ -362,22 +384,15 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                 }
             }
         }
-        /* softmax, then the cosine K = dot / D, D = ‖k‖ ‖M(i)‖ + ε: δdot = δK / D, and
-         * δD = −δK dot / D² into δ‖k‖ and δ‖M(i)‖, kept as the scales of k and M(i) */
+        /* the softmax's and the cosine's backward, head by head: δdot, and δ‖k‖ and δ‖M(i)‖
+         * kept as the scales of k and M(i) */
         for (int64_t i = 0; i < N; i++) slot_scale[i] = 0;
         for (int64_t r = 0; r < R; r++) {
             const REAL *weights = read + r * N, *grad_weights = grad_read + r * N;
-            const REAL *dot = dots + r * N;
             const REAL inner = NAME(dot)(weights, grad_weights, N);
-            REAL grad_key_norm = 0;
-            for (int64_t i = 0; i < N; i++) {
-                const REAL denominator = key_norms[r] * slot_norms[i] + (REAL)COSINE_EPS;
-                const REAL grad_score = weights[i] * (grad_weights[i] - inner); /* δK */
-                const REAL grad_denominator = -grad_score * dot[i] / (denominator * denominator);
-                grad_dots[r * N + i] = grad_score / denominator;
-                grad_key_norm += grad_denominator * slot_norms[i];
-                slot_scale[i] += grad_denominator * key_norms[r];
-            }
+            const REAL grad_key_norm =
+                NAME(cosine_backward)(N, weights, grad_weights, inner, dots + r * N, key_norms[r],
+                                      slot_norms, grad_dots + r * N, slot_scale);
             /* ∂‖k‖/∂k = k/‖k‖, and 0 at k = 0 (autograd's norm) */
             key_scale[r] = key_norms[r] > 0 ? grad_key_norm / key_norms[r] : 0;
         }
@@ -388,10 +403,11 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
          * slot's δ is 0. By blocks of slots (all of it in one pass, the heads' sums in registers),
          * then slot by slot */
         const int64_t blocks_end = R <= REGISTER_HEADS ? vectors_end : 0;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < W; j++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
-            for (int64_t r = 0; r < R; r++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
 #define BLOCKS(G)                                                                                 \
     NAME(cosine_and_write_backward_blocks)(row, grad_row, slot_scale, grad_dots, write,            \
                                            grad_write, keys + j, grad_keys + j, N, W, blocks_end, G)
