@@ -141,6 +141,27 @@ static inline __attribute__((always_inline)) void NAME(read_blocks)(
     for (int g = 0; g < G; g++) reads[g * W] = NAME(lane_sum)(sum[g]);
 }
 
+/* The reads' backward for one feature j of the memory (`row`, `grad_row`: its M_t and δM) over
+ * slots [0, end) by blocks, for G heads (a literal; weights N apart, δr_g(j) W apart):
+ * δw^r_g(i) += δr_g(j) M(j, i) and δM(j, i) += Σ_g w^r_g(i) δr_g(j), the G values of δr in
+ * registers. */
+static inline __attribute__((always_inline)) void NAME(read_backward_blocks)(
+    const REAL *row, REAL *grad_row, const REAL *read, REAL *grad_read, const REAL *grad_reads,
+    int64_t N, int64_t W, int64_t end, const int G) {
+    REAL grad[REGISTER_HEADS];
+    for (int g = 0; g < G; g++) grad[g] = grad_reads[g * W];
+    for (int64_t i = 0; i < end; i += LANES) {
+        const NAME(vec) m = NAME(load)(row + i);
+        NAME(vec) grad_m = NAME(load)(grad_row + i);
+        for (int g = 0; g < G; g++) {
+            REAL *grad_weights = grad_read + g * N + i;
+            NAME(store)(grad_weights, NAME(load)(grad_weights) + grad[g] * m);
+            grad_m += NAME(load)(read + g * N + i) * grad[g];
+        }
+        NAME(store)(grad_row + i, grad_m);
+    }
+}
+
 /* For one feature j of the memory (`row`, `grad_row`: its M_t and δM), slots [0, end) by blocks,
  * G heads (a literal; `keys`: k_g(j), W apart; the others N apart): what the scalar loops of
  * memory_backward_step do for the remaining slots, the heads' sums into grad_keys (W apart). */
@@ -357,22 +378,19 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
             }
-        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; by blocks of slots, each block of
-         * δM in a register through all heads, then slot by slot */
+        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; per feature by blocks of slots (up
+         * to REGISTER_HEADS heads at a time), then slot by slot */
         const int64_t vectors_end = N - N % LANES;
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N;
             REAL *grad_row = grad_memory + j * N;
-            for (int64_t i = 0; i < vectors_end; i += LANES) {
-                const NAME(vec) m = NAME(load)(row + i);
-                NAME(vec) grad_m = NAME(load)(grad_row + i);
-                for (int64_t r = 0; r < R; r++) {
-                    const REAL grad = grad_reads[r * W + j];
-                    REAL *grad_weights = grad_read + r * N + i;
-                    NAME(store)(grad_weights, NAME(load)(grad_weights) + grad * m);
-                    grad_m += NAME(load)(read + r * N + i) * grad;
-                }
-                NAME(store)(grad_row + i, grad_m);
+            for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
+                const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
+#define BLOCKS(G)                                                                                 \
+    NAME(read_backward_blocks)(row, grad_row, read + first * N, grad_read + first * N,            \
+                               grad_reads + first * W + j, N, W, vectors_end, G)
+                WITH_LITERAL_HEADS(heads, BLOCKS)
+#undef BLOCKS
             }
             for (int64_t r = 0; r < R; r++) {
                 const REAL grad = grad_reads[r * W + j];
