@@ -116,12 +116,13 @@ static inline __attribute__((always_inline)) void NAME(write_and_score_block)(
         score[g] = (NAME(vec)){0};
     }
     for (int64_t j = 0; j < W; j++) {
-        REAL *row = memory + j * N;
+        REAL *row = memory + j * N, key[REGISTER_HEADS];
+        for (int g = 0; g < G; g++) key[g] = keys[g * W + j]; /* read once, before the store */
         NAME(vec) m = NAME(load)(row);
-        for (int g = 0; g < G; g++) m += weights[g] * keys[g * W + j];
+        for (int g = 0; g < G; g++) m += weights[g] * key[g];
         NAME(store)(row, m);
         norm += m * m;
-        for (int g = 0; g < G; g++) score[g] += m * keys[g * W + j];
+        for (int g = 0; g < G; g++) score[g] += m * key[g];
     }
     NAME(store)(slot_norms, norm);
     for (int g = 0; g < G; g++) NAME(store)(scores + g * N, score[g]);
