@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
 from fwlab_plugins.cells.kernels import bn_lstm_cpu
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
@@ -129,7 +130,7 @@ def run_both(x, mode, state_from=None, kernel="auto", **overrides):
         state = state._replace(h=state.h.requires_grad_(True), c=state.c.requires_grad_(True))
         outputs, final = cell(inputs, state)
         if recurrence == "fused" and kernel != "auto" and not (mode == "train" and x.shape[0] < 2):
-            assert made_by(outputs, "BNLSTMSequenceC" if kernel == "c" else "BNLSTMSequence")
+            assert made_by(outputs, NODES[kernel])
         weights = torch.linspace(-1, 2, outputs.shape[-1], dtype=x.dtype, device=x.device)
         loss = (outputs * weights).pow(2).sum()
         loss = loss + (final.c * final.c).sum()
@@ -141,6 +142,11 @@ def run_both(x, mode, state_from=None, kernel="auto", **overrides):
 
 NO_C_KERNEL = bn_lstm_cpu.unavailable_reason(torch.device("cpu"), torch.float64)
 C_KERNEL = pytest.mark.skipif(NO_C_KERNEL is not None, reason=f"no C kernel here: {NO_C_KERNEL}")
+# the Triton kernels: natively on CUDA, else in Triton's CPU interpreter (conftest sets it)
+TRITON_KERNEL = pytest.mark.skipif(
+    not kernels.triton_installed(), reason="the Triton kernels need the triton package"
+)
+NODES = {"torch": "BNLSTMSequence", "c": "BNLSTMSequenceC", "triton": "FusedBNLSTM"}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -153,6 +159,7 @@ C_KERNEL = pytest.mark.skipif(NO_C_KERNEL is not None, reason=f"no C kernel here
     [
         ("cpu", "torch"),
         pytest.param("cpu", "c", marks=C_KERNEL),
+        pytest.param("cuda" if CUDA else "cpu", "triton", marks=TRITON_KERNEL),
         pytest.param("cuda", "torch", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
     ],
 )
@@ -170,7 +177,18 @@ def test_fused_recurrence_matches_the_stepwise_reference(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", ["torch", pytest.param("c", marks=C_KERNEL)])
+@pytest.mark.parametrize("kernel", ["c", "triton"])
+def test_a_kernel_with_the_stepwise_recurrence_is_refused_naming_both_keys(kernel):
+    """A kernel runs the fused node's steps: asking for one and for autograd through every step
+    is a contradiction, refused when the cell is built."""
+    with pytest.raises(ValueError, match=rf"model.kernel={kernel} .* model.recurrence=stepwise"):
+        make(kernel=kernel, recurrence="stepwise")
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    ["torch", pytest.param("c", marks=C_KERNEL), pytest.param("triton", marks=TRITON_KERNEL)],
+)
 def test_fused_recurrence_continues_a_sequence_from_its_state(kernel):
     x = torch.randn(4, 3, 3, dtype=torch.float64)
 
@@ -222,24 +240,35 @@ def test_sequence_batch_norm_with_a_shift_is_stepwise_norm_plus_the_shift(
         torch.testing.assert_close(got, want)
 
 
-@C_KERNEL
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_c_kernel_passes_gradcheck_in_float64(mode):
-    cell = make(kernel="c")
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param("c", marks=C_KERNEL),
+        # ~3 minutes in Triton's interpreter; the default suite holds the kernel to the fused
+        # PyTorch node instead (test_fused_recurrence_matches_the_stepwise_reference)
+        pytest.param("triton", marks=[TRITON_KERNEL, pytest.mark.slow]),
+    ],
+)
+def test_kernel_passes_gradcheck_in_float64(mode, kernel):
+    device = "cuda" if CUDA and kernel == "triton" else "cpu"  # Triton: natively where it can
+    cell = make(kernel=kernel).to(device)
     cell.train()
-    train(cell, [torch.randn(6, 4, 3, dtype=torch.float64) for _ in range(2)])
+    train(cell, [torch.randn(6, 4, 3, dtype=torch.float64, device=device) for _ in range(2)])
     cell.train(mode == "train")
-    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
-    h0, c0 = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(3, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    h0, c0 = (
+        torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2)
+    )
     params = list(cell.parameters())
 
     def run(x, h0, c0, *weights):
         with torch.nn.utils.stateless._reparametrize_module(  # weights as gradcheck's inputs
             cell, dict(zip([n for n, _ in cell.named_parameters()], weights))
         ):
-            state = cell.initial_state(3, dtype=torch.float64)._replace(h=h0, c=c0)
+            state = cell.initial_state(3, x.device, torch.float64)._replace(h=h0, c=c0)
             outputs, final = cell(x, state)
-        assert made_by(outputs, "BNLSTMSequenceC")
+        assert made_by(outputs, NODES[kernel])
         return outputs, final.c
 
     torch.autograd.gradcheck(run, (x, h0, c0, *[p.detach().requires_grad_() for p in params]))

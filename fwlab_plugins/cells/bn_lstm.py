@@ -15,7 +15,10 @@ The whole-sequence forward runs the recurrence as one autograd node with a hand-
 (:mod:`.bn_lstm_sequence`); ``model.recurrence=stepwise`` runs autograd through :meth:`step`'s
 code instead, the reference the tests hold it to. On the CPU that node runs its time loop, the
 recurrent products included, in C (:mod:`.kernels.bn_lstm_cpu`, ``model.kernel=auto|c``), where a
-C compiler is available; ``model.kernel=torch`` keeps its PyTorch code.
+C compiler is available; ``model.kernel=triton`` runs it as one Triton kernel each way
+(:mod:`.kernels.bn_lstm_triton`: on CUDA, or in Triton's CPU interpreter for tests; not yet
+``auto``'s choice, as its GPU speed is not measured); ``model.kernel=torch`` keeps its PyTorch
+code.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class BNLSTMConfig(CellConfig):
     momentum: float = 0.1  # running-average weight of each training batch's statistics
     forget_bias: float = 1.0  # initial b of the forget gate
     recurrence: Recurrence = Recurrence.fused  # fused | stepwise (the autograd reference)
-    # the fused node's steps: auto (the C kernel on the CPU where it builds) | c | torch
+    # the fused node's steps: auto (the C kernel on the CPU where it builds) | c | triton | torch
     kernel: Kernel = Kernel.auto
 
 
@@ -58,11 +61,13 @@ class BNLSTMCell(Cell):
 
     def __init__(self, input_size: int, config: BNLSTMConfig) -> None:
         super().__init__(input_size, config)
-        self.kernel = kernels.check_kernel(config.kernel, "bn_lstm", has=(Kernel.c,))
-        if self.kernel is Kernel.c and Recurrence(config.recurrence) is Recurrence.stepwise:
+        self.kernel = kernels.check_kernel(config.kernel, "bn_lstm", has=(Kernel.c, Kernel.triton))
+        if self.kernel in (Kernel.c, Kernel.triton) and (
+            Recurrence(config.recurrence) is Recurrence.stepwise
+        ):
             raise ValueError(
-                "model.kernel=c runs the fused node's steps: it needs model.recurrence=fused, "
-                "got model.recurrence=stepwise"
+                f"model.kernel={self.kernel.value} runs the fused node's steps: it needs "
+                "model.recurrence=fused, got model.recurrence=stepwise"
             )
         hidden = config.hidden_size
         self.input_weights = nn.Parameter(torch.empty(4 * hidden, input_size))  # W_x
@@ -105,13 +110,8 @@ class BNLSTMCell(Cell):
         one_sample = self.training and x.shape[0] < 2
         if Recurrence(self.config.recurrence) is Recurrence.fused and x.shape[1] and not one_sample:
             dtype = self.recurrent_weights.dtype
-
-            def unavailable() -> str | None:
-                return bn_lstm_cpu.unavailable_reason(input_part.device, dtype)
-
-            in_c = kernels.wants_c(self.kernel, input_part, "bn_lstm", unavailable)
             outputs, c = apply_in_full_precision(
-                bn_lstm_cpu.BNLSTMSequenceC if in_c else BNLSTMSequence,
+                self._sequence_node(input_part, dtype),
                 dtype,
                 input_part,
                 self.recurrent_weights,
@@ -130,6 +130,30 @@ class BNLSTMCell(Cell):
             h, c = self._recur(input_t, h, c, start + offset)
             outputs.append(h)
         return torch.stack(outputs, dim=1), BNLSTMState(h, c, time)
+
+    def _sequence_node(
+        self, input_part: torch.Tensor, dtype: torch.dtype
+    ) -> type[torch.autograd.Function]:
+        """The node that runs the fused recurrence on ``input_part``: the Triton kernels, the C
+        kernel or the PyTorch reference, as ``model.kernel`` and the device allow."""
+
+        def fits_and_slower() -> tuple[bool, str | None]:
+            from fwlab_plugins.cells.kernels import bn_lstm_triton
+
+            fits = bn_lstm_triton.fits(input_part.shape[0], self.hidden_size, dtype)
+            return fits, bn_lstm_triton.slower()
+
+        if kernels.wants_triton(self.kernel, input_part, "bn_lstm", fits_and_slower):
+            from fwlab_plugins.cells.kernels.bn_lstm_triton import FusedBNLSTM
+
+            return FusedBNLSTM
+
+        def unavailable() -> str | None:
+            return bn_lstm_cpu.unavailable_reason(input_part.device, dtype)
+
+        if kernels.wants_c(self.kernel, input_part, "bn_lstm", unavailable):
+            return bn_lstm_cpu.BNLSTMSequenceC
+        return BNLSTMSequence
 
     def step(self, x_t: torch.Tensor, state: BNLSTMState) -> tuple[torch.Tensor, BNLSTMState]:
         t = int(state.time[0]) if state.time.numel() else 0
