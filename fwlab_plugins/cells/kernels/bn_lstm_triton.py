@@ -314,7 +314,7 @@ def _population(norm: StepwiseBatchNorm, start: int, steps: int, device: torch.d
 
 
 @torch.no_grad()
-def update_running_statistics(
+def _update_running_statistics(
     norm: StepwiseBatchNorm, start: int, mean: torch.Tensor, var: torch.Tensor, batch: int
 ) -> None:
     """Fold steps start..start+T-1's batch statistics (T, F; ``var`` biased) into ``norm``'s
@@ -385,7 +385,7 @@ class FusedBNLSTM(torch.autograd.Function):
         if training:
             for norm, name in ((recurrent_norm, "r"), (cell_norm, "c")):
                 mean, var = saved[f"mean_{name}"], saved[f"var_{name}"]
-                update_running_statistics(norm, start, mean, var, batch)
+                _update_running_statistics(norm, start, mean, var, batch)
         ctx.training, ctx.eps, ctx.names = training, recurrent_norm.eps, list(saved)
         ctx.save_for_backward(
             recurrent_weights, recurrent_gamma, cell_gamma, h0, c0, *saved.values()
