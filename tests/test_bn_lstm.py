@@ -177,6 +177,19 @@ def test_fused_recurrence_matches_the_stepwise_reference(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@TRITON_KERNEL
+def test_the_triton_kernel_takes_only_what_one_program_holds_and_int32_offsets_reach():
+    from fwlab_plugins.cells.kernels import bn_lstm_triton
+
+    assert bn_lstm_triton.fits(128, 784, 128, torch.float32)
+    assert not bn_lstm_triton.fits(129, 784, 128, torch.float32)  # the batch is one program
+    assert not bn_lstm_triton.fits(128, 784, 129, torch.float32)
+    assert not bn_lstm_triton.fits(128, 784, 128, torch.float16)
+    assert not bn_lstm_triton.fits(128, 2**15, 128, torch.float32)  # B·T·4H = 2^31
+    with pytest.raises(ValueError, match="beyond the kernel"):
+        make(hidden=129, kernel="triton")(torch.randn(2, 3, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("kernel", ["c", "triton"])
 def test_a_kernel_with_the_stepwise_recurrence_is_refused_naming_both_keys(kernel):
     """A kernel runs the fused node's steps: asking for one and for autograd through every step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fwlab_plugins.cells.irnn import IRNNCell, IRNNConfig
@@ -40,3 +41,12 @@ def test_identity_recurrence_carries_the_state_unchanged_without_input():
     state = cell.initial_state(1)._replace(h=torch.tensor([[1.0, 2.0, 3.0]]))
     outputs, _ = cell(torch.zeros(1, 5, 2), state)
     torch.testing.assert_close(outputs[0], torch.tensor([[1.0, 2.0, 3.0]]).repeat(5, 1))
+
+
+def test_the_triton_kernel_takes_only_inputs_whose_offsets_int32_reaches():
+    irnn_triton = pytest.importorskip("fwlab_plugins.cells.kernels.irnn_triton")
+    inputs = torch.empty(64, 784, 100, device="meta")  # shapes only: nothing is allocated
+    assert irnn_triton.fits(inputs, 100)
+    assert not irnn_triton.fits(inputs, 129)  # W_h on chip
+    assert not irnn_triton.fits(inputs.half(), 100)
+    assert not irnn_triton.fits(torch.empty(2**16, 2**8, 128, device="meta"), 128)  # 2^31

@@ -140,7 +140,8 @@ class BNLSTMCell(Cell):
         def fits_and_slower() -> tuple[bool, str | None]:
             from fwlab_plugins.cells.kernels import bn_lstm_triton
 
-            fits = bn_lstm_triton.fits(input_part.shape[0], self.hidden_size, dtype)
+            batch, steps, _ = input_part.shape
+            fits = bn_lstm_triton.fits(batch, steps, self.hidden_size, dtype)
             return fits, bn_lstm_triton.slower()
 
         if kernels.wants_triton(self.kernel, input_part, "bn_lstm", fits_and_slower):

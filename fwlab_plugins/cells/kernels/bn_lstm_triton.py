@@ -40,11 +40,15 @@ MAX_BATCH = 128  # sequences: the whole batch is one program
 NUM_WARPS = 8
 
 
-def fits(batch: int, hidden_size: int, dtype: torch.dtype) -> bool:
+def fits(batch: int, steps: int, hidden_size: int, dtype: torch.dtype) -> bool:
     """Whether the kernel takes this batch and hidden size (one program holds them) in
-    ``dtype``, the node's (the weights')."""
+    ``dtype``, the node's (the weights'), with the (B, T, 4H) buffers' offsets in int32 (as
+    Triton computes them from int32 arguments)."""
     return (
-        batch <= MAX_BATCH and hidden_size <= MAX_HIDDEN and dtype in (torch.float32, torch.float64)
+        batch <= MAX_BATCH
+        and hidden_size <= MAX_HIDDEN
+        and dtype in (torch.float32, torch.float64)
+        and batch * steps * 4 * hidden_size < 2**31
     )
 
 

@@ -25,8 +25,13 @@ BLOCK_B = 16  # sequences per program (tl.dot's smallest tile)
 
 
 def fits(batch_inputs: torch.Tensor, hidden_size: int) -> bool:
-    """Whether the kernel takes this input: a hidden size it holds on chip, float32/64."""
-    return hidden_size <= MAX_HIDDEN and batch_inputs.dtype in (torch.float32, torch.float64)
+    """Whether the kernel takes this input (B, T, H): a hidden size it holds on chip,
+    float32/64, and offsets in int32 (as Triton computes them from int32 arguments)."""
+    return (
+        hidden_size <= MAX_HIDDEN
+        and batch_inputs.dtype in (torch.float32, torch.float64)
+        and batch_inputs.numel() < 2**31
+    )
 
 
 def slower(batch_inputs: torch.Tensor) -> str | None:
