@@ -312,3 +312,15 @@ def test_fused_memory_form_gradient_check_through_the_starting_state():
         return FastWeightsMemorySequence.apply(*tensors, 0.9, 0.5, 2, True, 1e-5)
 
     assert torch.autograd.gradcheck(node, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_the_triton_kernel_takes_only_buffers_whose_offsets_int32_reaches():
+    fast_weights_triton = pytest.importorskip("fwlab_plugins.cells.kernels.fast_weights_triton")
+    weights = torch.empty(100, 100)
+    # (B, M+T+1, H) states or (T, S, B, H) queries, whichever is larger
+    assert fast_weights_triton.buffer_elements(2, 5, 3, memory=4, inner_steps=1) == 2 * 3 * 10
+    assert fast_weights_triton.buffer_elements(2, 5, 3, memory=0, inner_steps=3) == 2 * 3 * 15
+    assert fast_weights_triton.fits(weights, 100, 64 * 785 * 100)
+    assert not fast_weights_triton.fits(weights, 100, 2**31)
+    assert not fast_weights_triton.fits(weights, 257, 1)  # the state on chip
+    assert not fast_weights_triton.fits(weights.half(), 100, 1)

@@ -204,7 +204,7 @@ class FastWeightsCell(Cell):
         views of its buffer [memory, h(0), …, h(T)]."""
         norm = self.layer_norm if isinstance(self.layer_norm, nn.LayerNorm) else None
         node = FastWeightsMemorySequence
-        if self._triton(input_part):
+        if self._triton(input_part, state.memory.shape[1]):
             from fwlab_plugins.cells.kernels.fast_weights_triton import FusedFastWeightsMemory
 
             node = FusedFastWeightsMemory
@@ -226,14 +226,19 @@ class FastWeightsCell(Cell):
         start, last = state.memory.shape[1], state.memory.shape[1] + input_part.shape[1]
         return states[:, start + 1 :], states[:, last], states[:, :last]
 
-    def _triton(self, input_part: torch.Tensor) -> bool:
-        """Whether the fused memory form runs as the Triton kernel (``model.kernel``)."""
+    def _triton(self, input_part: torch.Tensor, memory_length: int) -> bool:
+        """Whether the fused memory form runs as the Triton kernel (``model.kernel``) on
+        ``input_part`` after ``memory_length`` stored states."""
         weights = self.recurrent_weights.weight  # the node runs in its dtype (autocast aside)
 
         def fits_and_slower() -> tuple[bool, str | None]:
             from fwlab_plugins.cells.kernels import fast_weights_triton
 
-            fits = fast_weights_triton.fits(weights, self.hidden_size)
+            batch, steps, hidden = input_part.shape
+            elements = fast_weights_triton.buffer_elements(
+                batch, steps, hidden, memory_length, self.inner_steps
+            )
+            fits = fast_weights_triton.fits(weights, self.hidden_size, elements)
             return fits, fast_weights_triton.slower(weights)
 
         return kernels.wants_triton(self.kernel, input_part, "fast_weights", fits_and_slower)

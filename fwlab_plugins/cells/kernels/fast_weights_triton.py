@@ -45,10 +45,22 @@ TILE = 4096  # elements of one (entries, units) tile of the attention
 NUM_WARPS = 8  # per program: 2x faster than 4 at both measured shapes (H200)
 
 
-def fits(weights: torch.Tensor, hidden_size: int) -> bool:
+def fits(weights: torch.Tensor, hidden_size: int, buffer_elements: int) -> bool:
     """Whether the kernel takes the cell: a hidden size it holds on chip, float32/64 weights
-    (the node runs in the weights' dtype)."""
-    return hidden_size <= MAX_HIDDEN and weights.dtype in (torch.float32, torch.float64)
+    (the node runs in the weights' dtype), and buffers of at most ``buffer_elements`` (see
+    :func:`buffer_elements`) whose offsets int32 reaches, as Triton computes them from int32
+    arguments."""
+    return (
+        hidden_size <= MAX_HIDDEN
+        and weights.dtype in (torch.float32, torch.float64)
+        and buffer_elements < 2**31
+    )
+
+
+def buffer_elements(batch: int, steps: int, hidden: int, memory: int, inner_steps: int) -> int:
+    """Elements of the node's largest buffer: the states [memory, h(0), …, h(T)] (B, M+T+1, H)
+    or the queries (T, S, B, H)."""
+    return batch * hidden * max(memory + steps + 1, steps * inner_steps)
 
 
 def slower(weights: torch.Tensor) -> str | None:
