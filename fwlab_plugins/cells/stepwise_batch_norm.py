@@ -70,6 +70,26 @@ class StepwiseBatchNorm(nn.Module):
         slots = slots.clamp(max=self.max_time_steps - 1)
         return self.running_mean[slots], self.running_var[slots]
 
+    @torch.no_grad()
+    def fold_batch_statistics(
+        self, start: int, mean: torch.Tensor, var: torch.Tensor, batch: int
+    ) -> None:
+        """Fold the statistics a kernel normalised steps start..start+T-1 with in training
+        (``mean`` and the biased ``var``, (T, F), of a batch of ``batch`` ≥ 2) into the running
+        averages, as :meth:`forward` would at each step in order: running ← (1 − momentum)·running
+        + momentum·batch, the variance unbiased; steps past the last slot each update that slot."""
+        steps, momentum = mean.shape[0], self.momentum
+        last = self.max_time_steps - 1
+        own = max(0, min(steps, last - start))  # steps with a slot of their own
+        unbiased = var * (batch / (batch - 1))
+        for running, new in ((self.running_mean, mean), (self.running_var, unbiased)):
+            if own:
+                rows = running[start : start + own]
+                rows.copy_(rows * (1 - momentum) + new[:own] * momentum)
+            for t in range(own, steps):
+                running[last] = running[last] * (1 - momentum) + new[t] * momentum
+        self.trained_steps.clamp_(min=start + steps)
+
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Normalise ``x (B, F)``, the features at time step ``t``.
 

@@ -13,9 +13,9 @@ A batch norm's statistics are sums over the batch, so one program owns the whole
 step's statistics are reductions inside the program, and the sequences never need to meet
 across programs (a grid-wide barrier per step). W_h is read from global memory (the L2 cache)
 gate by gate at every step: four gates of 128² do not fit in one program's registers. The
-batch statistics each step normalised with come out per step, (T, F); the running averages
-are updated from them in torch after the kernel, in step order (steps past the last slot of
-statistics share it, as in :class:`~fwlab_plugins.cells.stepwise_batch_norm.StepwiseBatchNorm`).
+batch statistics each step normalised with come out per step, (T, F), and the norms fold them
+into their running averages after the kernel
+(:meth:`~fwlab_plugins.cells.stepwise_batch_norm.StepwiseBatchNorm.fold_batch_statistics`).
 In evaluation the kernel normalises with the population statistics it is given instead. The
 weight gradient δW_h = Σ_t δr_tᵀ h_{t-1}, a sum over every step, is one product after the
 backward loop, in torch.
@@ -317,26 +317,6 @@ def _population(norm: StepwiseBatchNorm, start: int, steps: int, device: torch.d
     return mean.contiguous(), var.contiguous()
 
 
-@torch.no_grad()
-def _update_running_statistics(
-    norm: StepwiseBatchNorm, start: int, mean: torch.Tensor, var: torch.Tensor, batch: int
-) -> None:
-    """Fold steps start..start+T-1's batch statistics (T, F; ``var`` biased) into ``norm``'s
-    running averages as its training steps would, one step after another: running ← (1 − m)
-    running + m·batch, the variance unbiased; steps past the last slot all update that slot."""
-    steps, momentum = mean.shape[0], norm.momentum
-    last = norm.max_time_steps - 1
-    own = max(0, min(steps, last - start))  # steps with a slot of their own
-    unbiased = var * (batch / (batch - 1))
-    for running, new in ((norm.running_mean, mean), (norm.running_var, unbiased)):
-        if own:
-            rows = running[start : start + own]
-            rows.copy_(rows * (1 - momentum) + new[:own] * momentum)
-        for t in range(own, steps):
-            running[last] = running[last] * (1 - momentum) + new[t] * momentum
-    norm.trained_steps.clamp_(min=start + steps)
-
-
 class FusedBNLSTM(torch.autograd.Function):
     """``(u (B,T,4H), W_h, γ_h, γ_c, β_c, h_0, c_0, recurrent_norm, cell_norm, start) ->
     (h (B,T,H), c_T)``, the arguments of :class:`~fwlab_plugins.cells.bn_lstm_sequence.
@@ -388,8 +368,9 @@ class FusedBNLSTM(torch.autograd.Function):
             )  # fmt: skip
         if training:
             for norm, name in ((recurrent_norm, "r"), (cell_norm, "c")):
-                mean, var = saved[f"mean_{name}"], saved[f"var_{name}"]
-                _update_running_statistics(norm, start, mean, var, batch)
+                norm.fold_batch_statistics(
+                    start, saved[f"mean_{name}"], saved[f"var_{name}"], batch
+                )
         ctx.training, ctx.eps, ctx.names = training, recurrent_norm.eps, list(saved)
         ctx.save_for_backward(
             recurrent_weights, recurrent_gamma, cell_gamma, h0, c0, *saved.values()
