@@ -181,13 +181,34 @@ def test_fused_recurrence_matches_the_stepwise_reference(
 def test_the_triton_kernel_takes_only_what_one_program_holds_and_int32_offsets_reach():
     from fwlab_plugins.cells.kernels import bn_lstm_triton
 
-    assert bn_lstm_triton.fits(128, 784, 128, torch.float32)
-    assert not bn_lstm_triton.fits(129, 784, 128, torch.float32)  # the batch is one program
-    assert not bn_lstm_triton.fits(128, 784, 129, torch.float32)
-    assert not bn_lstm_triton.fits(128, 784, 128, torch.float16)
-    assert not bn_lstm_triton.fits(128, 2**15, 128, torch.float32)  # B·T·4H = 2^31
+    before = torch.get_float32_matmul_precision()
+    try:  # W_h's (H, H) tile meets tl.dot in shared memory: 128 wide on tensor cores, ...
+        torch.set_float32_matmul_precision("high")
+        assert bn_lstm_triton.fits(128, 784, 128, torch.float32)
+        assert not bn_lstm_triton.fits(129, 784, 128, torch.float32)  # the batch is one program
+        assert not bn_lstm_triton.fits(128, 784, 129, torch.float32)
+        assert not bn_lstm_triton.fits(128, 784, 128, torch.float16)
+        assert not bn_lstm_triton.fits(128, 2**15, 128, torch.float32)  # B·T·4H = 2^31
+        torch.set_float32_matmul_precision("highest")  # ... 64 with IEEE products
+        assert bn_lstm_triton.fits(128, 784, 64, torch.float32)
+        assert not bn_lstm_triton.fits(16, 784, 65, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert bn_lstm_triton.fits(128, 784, 64, torch.float64)
+    assert not bn_lstm_triton.fits(16, 784, 65, torch.float64)
     with pytest.raises(ValueError, match="beyond the kernel"):
-        make(hidden=129, kernel="triton")(torch.randn(2, 3, 3, dtype=torch.float64))
+        make(hidden=65, kernel="triton")(torch.randn(2, 3, 3, dtype=torch.float64))
+
+
+@TRITON_KERNEL
+def test_a_program_that_outgrows_the_multiprocessor_fails_naming_the_key_and_the_shape():
+    from triton.runtime.errors import OutOfResources
+
+    from fwlab_plugins.cells.kernels import bn_lstm_triton
+
+    with pytest.raises(ValueError, match=r"model.kernel=triton: .* B=64, H=100 .*shared memory"):
+        with bn_lstm_triton._launching(torch.device("cpu"), 64, 100):
+            raise OutOfResources(294912, 232448, "shared memory")  # as an H200 said at B=64
 
 
 @pytest.mark.parametrize("kernel", ["c", "triton"])
@@ -203,14 +224,14 @@ def test_a_kernel_with_the_stepwise_recurrence_is_refused_naming_both_keys(kerne
     ["torch", pytest.param("c", marks=C_KERNEL), pytest.param("triton", marks=TRITON_KERNEL)],
 )
 def test_fused_recurrence_continues_a_sequence_from_its_state(kernel):
-    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    device = "cuda" if CUDA and kernel == "triton" else "cpu"  # Triton: natively where it can
+    x = torch.randn(4, 3, 3, dtype=torch.float64).to(device)
 
     def later_state(cell):  # two steps in: statistics of steps 2.. are used next
-        state = cell.initial_state(4, dtype=torch.float64)
-        _, state = cell(
-            torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
-            state,
-        )
+        state = cell.initial_state(4, device, dtype=torch.float64)
+        seeded = torch.Generator().manual_seed(1)
+        first = torch.randn(4, 2, 3, dtype=torch.float64, generator=seeded)
+        _, state = cell(first.to(device), state)
         return state._replace(h=state.h.detach(), c=state.c.detach())
 
     for mode in ("train", "eval"):

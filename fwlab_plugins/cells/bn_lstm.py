@@ -16,9 +16,9 @@ The whole-sequence forward runs the recurrence as one autograd node with a hand-
 code instead, the reference the tests hold it to. On the CPU that node runs its time loop, the
 recurrent products included, in C (:mod:`.kernels.bn_lstm_cpu`, ``model.kernel=auto|c``), where a
 C compiler is available; ``model.kernel=triton`` runs it as one Triton kernel each way
-(:mod:`.kernels.bn_lstm_triton`: on CUDA, or in Triton's CPU interpreter for tests; not yet
-``auto``'s choice, as its GPU speed is not measured); ``model.kernel=torch`` keeps its PyTorch
-code.
+(:mod:`.kernels.bn_lstm_triton`: on CUDA, or in Triton's CPU interpreter for tests; not
+``auto``'s choice, as it measured slower on an H200 than the graph-captured PyTorch node);
+``model.kernel=torch`` keeps its PyTorch code.
 """
 
 from __future__ import annotations

@@ -60,6 +60,14 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def scalar_argument(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a one-element tensor of ``like``'s dtype and device, for a kernel to load.
+    Triton types a Python float argument as float32 when it compiles natively (its interpreter
+    keeps float64), so a constant such as a norm's ε would reach a float64 kernel rounded to
+    float32: 1e-5 moves by 2.5e-14, and normalised values by ~1e-9 where the variance is small."""
+    return torch.full((1,), value, dtype=like.dtype, device=like.device)
+
+
 def wants_triton(
     kernel: Kernel,
     tensor: torch.Tensor,

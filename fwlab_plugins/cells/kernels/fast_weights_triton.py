@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fwlab_plugins.cells.fast_weights_sequence import start_states
-from fwlab_plugins.cells.kernels import on_device
+from fwlab_plugins.cells.kernels import on_device, scalar_argument
 
 MAX_HIDDEN = 256  # the widest state a program holds
 ON_CHIP_HIDDEN = 128  # up to this, W stays in registers; wider, it is read in slices each step
@@ -77,7 +77,7 @@ def slower(weights: torch.Tensor) -> str | None:
 def _forward_kernel(
     u_ptr, w_ptr, gamma_ptr, beta_ptr, rates_ptr,
     states_ptr, queries_ptr, normed_ptr, rstd_ptr,
-    B, T, H, START, eps,
+    B, T, H, START, eps_ptr,
     INNER: tl.constexpr, LAYER_NORM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, W_ON_CHIP: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -96,6 +96,7 @@ def _forward_kernel(
         )
     gamma = tl.load(gamma_ptr + cols, mask=units, other=0.0)
     beta = tl.load(beta_ptr + cols, mask=units, other=0.0)
+    eps = tl.load(eps_ptr)  # the layer norm's ε, in the kernel's dtype
     h = tl.load(sequence + START * H + cols, mask=units, other=0.0)  # h(0)
     for t in range(T):
         n = START + t + 1  # entries e_0 … h(t)
@@ -275,7 +276,7 @@ class FusedFastWeightsMemory(torch.autograd.Function):
         with on_device(input_part.device):
             _forward_kernel[grid](
                 input_part, weights, gamma, beta, rates, states, queries, normed, rstd,
-                batch, steps, hidden, start, eps,
+                batch, steps, hidden, start, scalar_argument(eps, input_part),
                 INNER=inner_steps, LAYER_NORM=layer_norm, **meta,
             )  # fmt: skip
         ctx.start, ctx.layer_norm = start, layer_norm
