@@ -4,7 +4,9 @@
     python scripts/bench.py --device cuda --json bench-cuda.json
     python scripts/bench.py --cells fast_weights --shapes 128x11x100x100
 
-Each measurement runs in a fresh subprocess, on each available path:
+Each measurement runs in a fresh subprocess (``--in-process``: all in this one, where starting
+processes costs more than measuring; CUDA memory peaks are still per case), on each available
+path:
 
 - ``eager``: the module as written;
 - ``graph`` (CUDA): forward and backward captured once as a CUDA graph and replayed, which
@@ -217,8 +219,25 @@ def capture_forward_backward(run, module, x):
 
 
 def run_case(
-    case: str, shape: str, device: str, path: str, min_time: float, precision: str, paired: bool
+    case: str,
+    shape: str,
+    device: str,
+    path: str,
+    min_time: float,
+    precision: str,
+    paired: bool,
+    in_process: bool = False,
 ) -> dict:
+    if in_process:
+        import gc
+
+        try:
+            return measure(case, shape, device, path, min_time, precision, paired)
+        except (Exception, SystemExit) as error:  # a row that says why, as a child's does
+            return {"cell": case, "shape": shape, "device": device, "path": path,
+                    "error": f"{type(error).__name__}: {error}"[-500:]}  # fmt: skip
+        finally:
+            gc.collect()  # the case's CUDA graph and its memory pool go before the next case
     command = [sys.executable, __file__, "--child", case, shape, path, "--device", device,
                "--min-time", str(min_time), "--matmul-precision", precision]  # fmt: skip
     if paired:
@@ -267,6 +286,12 @@ def main() -> None:
         "(ratio_vs_lstm_paired: robust to a machine's drift)",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every case in this process, not one subprocess each: for a GPU lease, "
+        "where a subprocess's start (imports, CUDA context) costs more than its measurement",
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("CASE", "SHAPE", "PATH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -301,7 +326,7 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved rounds: a machine's slow spell hits all cases
             for case, path in runs:
                 row = run_case(case, shape, args.device, path, args.min_time,
-                               args.matmul_precision, args.paired)  # fmt: skip
+                               args.matmul_precision, args.paired, args.in_process)  # fmt: skip
                 kept = best.get((case, path))
                 if kept is None or row.get("seq_per_s", -1) > kept.get("seq_per_s", -1):
                     best[(case, path)] = row

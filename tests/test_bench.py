@@ -7,14 +7,20 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
-def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path):
+# a subprocess per case (the default), or every case in bench.py's own process
+@pytest.mark.parametrize("in_process", [False, True], ids=["subprocesses", "in-process"])
+def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path, in_process):
     output = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--cells", "bn_lstm",
                "--variants", "--shapes", "4x3x2x5", "--min-time", "0.01",
                "--device", "cpu", "--paired", "--json", str(output)]  # fmt: skip
+    if in_process:
+        command.append("--in-process")
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = json.loads(output.read_text())
