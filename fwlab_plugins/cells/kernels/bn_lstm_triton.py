@@ -51,11 +51,19 @@ MAX_HIDDEN_IEEE = 64
 NUM_WARPS = 8
 
 
+def _native_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for ``dtype`` on a GPU: float32 follows
+    ``torch.get_float32_matmul_precision()`` (tensor cores at high and medium), float64 IEEE."""
+    if dtype == torch.float32:
+        return PRECISIONS[torch.get_float32_matmul_precision()]
+    return "ieee"
+
+
 def max_hidden(dtype: torch.dtype) -> int:
     """The widest state the kernel takes in ``dtype`` at the current float32 precision."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return MAX_HIDDEN_TENSOR_CORES
-    return MAX_HIDDEN_IEEE if dtype in (torch.float32, torch.float64) else 0
+    if dtype not in (torch.float32, torch.float64):
+        return 0
+    return MAX_HIDDEN_IEEE if _native_precision(dtype) == "ieee" else MAX_HIDDEN_TENSOR_CORES
 
 
 def fits(batch: int, steps: int, hidden_size: int, dtype: torch.dtype) -> bool:
@@ -321,9 +329,8 @@ def _backward_kernel(
 
 
 def _launch_config(batch: int, hidden: int, tensor: torch.Tensor, training: bool) -> dict:
-    precision = "ieee"
-    if tensor.dtype == torch.float32 and tensor.is_cuda:  # the interpreter computes in IEEE
-        precision = PRECISIONS[torch.get_float32_matmul_precision()]
+    # the interpreter computes in IEEE
+    precision = _native_precision(tensor.dtype) if tensor.is_cuda else "ieee"
     return {
         "TRAINING": training,
         "BLOCK_B": max(16, triton.next_power_of_2(batch)),  # tl.dot's smallest tile is 16
