@@ -66,10 +66,11 @@ typedef struct {
 } NAME(LRUNTMBuffers);
 
 /* The REALs of one thread's scratch in memory_backward_step: δw^w and δK (R·N each), the slots'
- * scales (N), δk (R·W), the keys' scales and δσ(α) (R each). */
+ * scales (N), δk (R·W), the keys' scales and δσ(α) (R each), and the keys' products with the
+ * keys and with δr (R·R each). */
 static int64_t NAME(backward_scratch_size)(const NAME(LRUNTMBuffers) *p) {
     const int64_t R = p->heads, N = p->slots, W = p->width;
-    return 2 * R * N + N + R * W + 2 * R;
+    return 2 * R * N + N + R * W + 2 * R + 2 * R * R;
 }
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
@@ -128,73 +129,85 @@ static inline __attribute__((always_inline)) void NAME(write_and_score_block)(
     for (int g = 0; g < G; g++) NAME(store)(scores + g * N, score[g]);
 }
 
-/* r_g(j) = Σ_i w^r_g(i) M(i) for one feature j of the memory (`row`) over slots [0, end) by
- * blocks, for G heads (a literal; weights N apart, reads W apart): the G sums in registers. */
+/* r_g(j) = Σ_i w^r_g(i) M(j, i) for ROWS features j (a literal, 1 or 2: rows N apart from
+ * `row`) over slots [0, end) by blocks, for G heads (a literal; weights N apart, reads W apart):
+ * the ROWS·G sums in registers. Two features at a time give each block's weights two uses per
+ * load and twice the independent sums, where one feature's G sums, one addition each per block,
+ * wait on the addition before (its latency, not the multiply-adds' rate, set the pace). */
 static inline __attribute__((always_inline)) void NAME(read_blocks)(
     const REAL *row, const REAL *read, REAL *reads, int64_t N, int64_t W, int64_t end,
-    const int G) {
-    NAME(vec) sum[REGISTER_HEADS];
-    for (int g = 0; g < G; g++) sum[g] = (NAME(vec)){0};
+    const int ROWS, const int G) {
+    NAME(vec) sum[2][REGISTER_HEADS];
+    for (int k = 0; k < ROWS; k++)
+        for (int g = 0; g < G; g++) sum[k][g] = (NAME(vec)){0};
     for (int64_t i = 0; i < end; i += LANES) {
-        const NAME(vec) m = NAME(load)(row + i);
-        for (int g = 0; g < G; g++) sum[g] += NAME(load)(read + g * N + i) * m;
-    }
-    for (int g = 0; g < G; g++) reads[g * W] = NAME(lane_sum)(sum[g]);
-}
-
-/* The reads' backward for one feature j of the memory (`row`, `grad_row`: its M_t and δM) over
- * slots [0, end) by blocks, for G heads (a literal; weights N apart, δr_g(j) W apart):
- * δw^r_g(i) += δr_g(j) M(j, i) and δM(j, i) += Σ_g w^r_g(i) δr_g(j), the G values of δr in
- * registers. */
-static inline __attribute__((always_inline)) void NAME(read_backward_blocks)(
-    const REAL *row, REAL *grad_row, const REAL *read, REAL *grad_read, const REAL *grad_reads,
-    int64_t N, int64_t W, int64_t end, const int G) {
-    REAL grad[REGISTER_HEADS];
-    for (int g = 0; g < G; g++) grad[g] = grad_reads[g * W];
-    for (int64_t i = 0; i < end; i += LANES) {
-        const NAME(vec) m = NAME(load)(row + i);
-        NAME(vec) grad_m = NAME(load)(grad_row + i);
+        NAME(vec) m[2];
+        for (int k = 0; k < ROWS; k++) m[k] = NAME(load)(row + k * N + i);
         for (int g = 0; g < G; g++) {
-            REAL *grad_weights = grad_read + g * N + i;
-            NAME(store)(grad_weights, NAME(load)(grad_weights) + grad[g] * m);
-            grad_m += NAME(load)(read + g * N + i) * grad[g];
+            const NAME(vec) weights = NAME(load)(read + g * N + i);
+            for (int k = 0; k < ROWS; k++) sum[k][g] += weights * m[k];
         }
-        NAME(store)(grad_row + i, grad_m);
+    }
+    for (int k = 0; k < ROWS; k++)
+        for (int g = 0; g < G; g++) reads[g * W + k] = NAME(lane_sum)(sum[k][g]);
+}
+
+/* The backward pass's sums down the features of a block of slots (`memory`, `grad_memory`: M_t
+ * and the carried δM, slot-minor rows N apart), for G heads (a literal; δr_g and k_g W apart,
+ * the others N apart): δw^r_g(i) += Σ_j δr_g(j) M(j, i) and δw^w_g(i) += Σ_j k_g(j) δM(j, i),
+ * the 2G sums in registers, nothing stored per feature. */
+static inline __attribute__((always_inline)) void NAME(feature_sums_block)(
+    const REAL *memory, const REAL *grad_memory, const REAL *grad_reads, const REAL *keys,
+    REAL *grad_read, REAL *grad_write, int64_t N, int64_t W, const int G) {
+    NAME(vec) reads[REGISTER_HEADS], writes[REGISTER_HEADS];
+    for (int g = 0; g < G; g++) reads[g] = writes[g] = (NAME(vec)){0};
+    for (int64_t j = 0; j < W; j++) {
+        const NAME(vec) m = NAME(load)(memory + j * N), grad_m = NAME(load)(grad_memory + j * N);
+        for (int g = 0; g < G; g++) {
+            reads[g] += grad_reads[g * W + j] * m;
+            writes[g] += keys[g * W + j] * grad_m;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        NAME(store)(grad_read + g * N, NAME(load)(grad_read + g * N) + reads[g]);
+        NAME(store)(grad_write + g * N, NAME(load)(grad_write + g * N) + writes[g]);
     }
 }
 
-/* For one feature j of the memory (`row`, `grad_row`: its M_t and δM), slots [0, end) by blocks,
- * G heads (a literal; `keys`: k_g(j), W apart; the others N apart): what the scalar loops of
- * memory_backward_step do for the remaining slots, the heads' sums into grad_keys (W apart). */
-static inline __attribute__((always_inline)) void NAME(cosine_and_write_backward_blocks)(
-    REAL *row, REAL *grad_row, const REAL *slot_scale, const REAL *grad_dots, const REAL *write,
-    REAL *grad_write, const REAL *keys, REAL *grad_keys, int64_t N, int64_t W, int64_t end,
-    const int G) {
-    NAME(vec) sum[REGISTER_HEADS];
-    REAL key[REGISTER_HEADS];
+/* The rest of the backward pass for one feature j of the memory (`row`, `grad_row`: M_t(j) and
+ * the carried δM(j)), slots [0, end) by blocks, G heads (a literal; `grad_reads`, `keys`: δr_g(j)
+ * and k_g(j), W apart; the slots' vectors N apart): δM_t's whole gradient
+ *     δM(i) + s(i) M(i) + Σ_g w^r_g(i) δr_g(j) + Σ_g δdot_g(i) k_g(j)
+ * (s: the slot's scale from its norm) replaces δM, the write is undone, M(i) −= Σ_g w^w_g(i)
+ * k_g(j), and δk_g(j) += Σ_i δdot_g(i) M(i) + w^w_g(i) δM_t(i), the G sums in registers. */
+static inline __attribute__((always_inline)) void NAME(feature_row_blocks)(
+    REAL *row, REAL *grad_row, const REAL *slot_scale, const REAL *read, const REAL *grad_dots,
+    const REAL *write, const REAL *grad_reads, const REAL *keys, REAL *grad_keys, int64_t N,
+    int64_t W, int64_t end, const int G) {
+    NAME(vec) by_memory[REGISTER_HEADS], by_gradient[REGISTER_HEADS];
+    REAL grad_read[REGISTER_HEADS], key[REGISTER_HEADS];
     for (int g = 0; g < G; g++) {
-        sum[g] = (NAME(vec)){0};
+        by_memory[g] = by_gradient[g] = (NAME(vec)){0};
+        grad_read[g] = grad_reads[g * W];
         key[g] = keys[g * W];
     }
     for (int64_t i = 0; i < end; i += LANES) {
         NAME(vec) m = NAME(load)(row + i);
         NAME(vec) grad_m = NAME(load)(grad_row + i) + NAME(load)(slot_scale + i) * m;
-        for (int g = 0; g < G; g++) { /* the cosine's */
+        for (int g = 0; g < G; g++) {
             const NAME(vec) grad_dot = NAME(load)(grad_dots + g * N + i);
-            sum[g] += grad_dot * m;
-            grad_m += grad_dot * key[g];
+            grad_m += NAME(load)(read + g * N + i) * grad_read[g] + grad_dot * key[g];
+            by_memory[g] += grad_dot * m;
         }
-        for (int g = 0; g < G; g++) { /* the write's, with δM complete, and its undoing */
+        for (int g = 0; g < G; g++) {
             const NAME(vec) weights = NAME(load)(write + g * N + i);
-            REAL *grad_weights = grad_write + g * N + i;
-            NAME(store)(grad_weights, NAME(load)(grad_weights) + grad_m * key[g]);
-            sum[g] += weights * grad_m;
+            by_gradient[g] += weights * grad_m;
             m -= weights * key[g];
         }
         NAME(store)(grad_row + i, grad_m);
         NAME(store)(row + i, m);
     }
-    for (int g = 0; g < G; g++) grad_keys[g * W] += NAME(lane_sum)(sum[g]);
+    for (int g = 0; g < G; g++) grad_keys[g * W] += NAME(lane_sum)(by_memory[g] + by_gradient[g]);
 }
 
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
@@ -303,17 +316,26 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
             const REAL scale = (REAL)1 / total;
             for (int64_t i = 0; i < N; i++) weights[i] *= scale;
         }
-        /* r_t = Σ_i w^r(i) M(i): per feature, by blocks of slots (the heads' sums in registers),
-         * then slot by slot */
-        for (int64_t j = 0; j < W; j++) {
+        /* r_t = Σ_i w^r(i) M(i): two features at a time, by blocks of slots (the heads' sums in
+         * registers), then slot by slot */
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t j = 0; j < W; j++) reads[r * W + j] = 0;
+        for (int64_t j = 0; j < W; j += 2) {
             const REAL *row = memory + j * N;
-            for (int64_t r = 0; r < R; r++) reads[r * W + j] = 0;
-#define READS(G) NAME(read_blocks)(row, read, reads + j, N, W, blocks_end, G)
-            if (blocks_end > 0) WITH_LITERAL_HEADS(R, READS)
-#undef READS
-            for (int64_t r = 0; r < R; r++)
-                for (int64_t i = blocks_end; i < N; i++)
-                    reads[r * W + j] += read[r * N + i] * row[i];
+            const int64_t rows = W - j < 2 ? W - j : 2;
+            if (b + 1 < B) /* the next sequence's memory, which its first pass takes by columns */
+                for (int64_t offset = 0; offset < rows * N; offset += 64 / sizeof(REAL))
+                    __builtin_prefetch(row + W * N + offset);
+#define TWO_ROWS(G) NAME(read_blocks)(row, read, reads + j, N, W, blocks_end, 2, G)
+#define ONE_ROW(G) NAME(read_blocks)(row, read, reads + j, N, W, blocks_end, 1, G)
+            if (blocks_end > 0 && rows == 2) WITH_LITERAL_HEADS(R, TWO_ROWS)
+            if (blocks_end > 0 && rows == 1) WITH_LITERAL_HEADS(R, ONE_ROW)
+#undef TWO_ROWS
+#undef ONE_ROW
+            for (int64_t k = 0; k < rows; k++)
+                for (int64_t r = 0; r < R; r++)
+                    for (int64_t i = blocks_end; i < N; i++)
+                        reads[r * W + j + k] += read[r * N + i] * row[k * N + i];
         }
         /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t, head by head over all slots (loops
          * the compiler vectorises) */
@@ -347,9 +369,19 @@ static REAL NAME(cosine_backward)(int64_t N, const REAL *restrict weights,
 
 /* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
- * the carried gradients of the state before the step in place. Two passes over the memory:
- * the reads' backward, then the cosine's and the write's. `scratch`: backward_scratch_size
- * REALs per thread of the region. */
+ * the carried gradients of the state before the step in place. `scratch`:
+ * backward_scratch_size REALs per thread of the region.
+ *
+ * Two passes over the memory, neither storing anything per head and slot as it goes (stores,
+ * one per vector and cycle, bounded the passes that did): sums down each slot's features (δw^r
+ * from the reads, and the carried δM's share of δw^w), then, after the softmax's and cosine's
+ * backward, one along each feature (δM_t complete, δk, the write undone). The write's
+ * δw^w_g(i) = Σ_j δM_t(j, i) k_g(j), with δM_t = δM + s(i) M_t(i) + Σ_h w^r_h(i) δr_h +
+ * Σ_h δdot_h(i) k_h the complete gradient of M_t(i) (s: the scale of M(i) from its norm), is
+ * taken apart so that only its first term needs the memory:
+ *     δw^w_g(i) = Σ_j δM(j, i) k_g(j) + s(i) k_g·M_t(i)
+ *                 + Σ_h w^r_h(i) δr_h·k_g + δdot_h(i) k_h·k_g,
+ * where k_g·M_t(i) is the forward pass's score. */
 static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, REAL *scratch) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
@@ -360,6 +392,8 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         REAL *grad_dots = grad_write + R * N;                              /* (R, N) each */
         REAL *slot_scale = grad_dots + R * N, *grad_keys = slot_scale + N; /* (N), (R, W) */
         REAL *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;    /* (R), (R) */
+        REAL *key_products = grad_mix + R;          /* k_h·k_g, (R, R) */
+        REAL *read_key_products = key_products + R * R; /* δr_h·k_g, (R, R) */
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         const REAL *keys = p->head + tb * E, *mix = keys + R * W;
         REAL *memory = p->memory + b * W * N; /* M_t here, M_{t-1} when the step is undone */
@@ -379,27 +413,24 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
             }
-        /* reads: δw^r(i) += δr·M(i), δM(i) += Σ_r w^r(i) δr; per feature by blocks of slots (up
-         * to REGISTER_HEADS heads at a time), then slot by slot */
-        const int64_t vectors_end = N - N % LANES;
+        /* down each slot's features: δw^r_r(i) += δr_r·M(i), δw^w_r(i) += k_r·δM(i); by blocks of
+         * slots (the heads' sums in registers), then slot by slot */
+        const int64_t blocks_end = R <= REGISTER_HEADS ? N - N % LANES : 0;
+        for (int64_t i = 0; i < blocks_end; i += LANES) {
+#define SUMS(G)                                                                                   \
+    NAME(feature_sums_block)(memory + i, grad_memory + i, grad_reads, keys, grad_read + i,         \
+                             grad_write + i, N, W, G)
+            WITH_LITERAL_HEADS(R, SUMS)
+#undef SUMS
+        }
         for (int64_t j = 0; j < W; j++) {
-            const REAL *row = memory + j * N;
-            REAL *grad_row = grad_memory + j * N;
-            for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
-                const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
-#define BLOCKS(G)                                                                                 \
-    NAME(read_backward_blocks)(row, grad_row, read + first * N, grad_read + first * N,            \
-                               grad_reads + first * W + j, N, W, vectors_end, G)
-                WITH_LITERAL_HEADS(heads, BLOCKS)
-#undef BLOCKS
-            }
+            const REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
             for (int64_t r = 0; r < R; r++) {
-                const REAL grad = grad_reads[r * W + j];
-                const REAL *weights = read + r * N;
-                REAL *grad_weights = grad_read + r * N;
-                for (int64_t i = vectors_end; i < N; i++) {
+                const REAL grad = grad_reads[r * W + j], key = keys[r * W + j];
+                REAL *grad_weights = grad_read + r * N, *grad_writes = grad_write + r * N;
+                for (int64_t i = blocks_end; i < N; i++) {
                     grad_weights[i] += grad * row[i];
-                    grad_row[i] += weights[i] * grad;
+                    grad_writes[i] += key * grad_row[i];
                 }
             }
         }
@@ -417,49 +448,55 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         }
         for (int64_t i = 0; i < N; i++) /* the same for a cleared slot, ‖M(i)‖ = 0 */
             slot_scale[i] = slot_norms[i] > 0 ? slot_scale[i] / slot_norms[i] : 0;
-        /* per feature: the cosine's δM and δk; then, with δM_t complete, the write M_t(i) +=
-         * Σ_r w^w_r(i) k_r: δw^w_r(i) += δM(i)·k_r, δk_r += Σ_i w^w_r(i) δM(i); then the cleared
-         * slot's δ is 0. By blocks of slots (all of it in one pass, the heads' sums in registers),
-         * then slot by slot */
-        const int64_t blocks_end = R <= REGISTER_HEADS ? vectors_end : 0;
+        /* δw^w's terms that need no pass over the memory (see above) */
+        for (int64_t h = 0; h < R; h++)
+            for (int64_t g = 0; g < R; g++) {
+                key_products[h * R + g] = NAME(dot)(keys + h * W, keys + g * W, W);
+                read_key_products[h * R + g] = NAME(dot)(grad_reads + h * W, keys + g * W, W);
+            }
+        for (int64_t g = 0; g < R; g++) {
+            REAL *restrict grad_writes = grad_write + g * N;
+            const REAL *restrict score = dots + g * N;
+            for (int64_t i = 0; i < N; i++) grad_writes[i] += slot_scale[i] * score[i];
+            for (int64_t h = 0; h < R; h++) {
+                const REAL *restrict weights = read + h * N, *restrict grad_dot = grad_dots + h * N;
+                const REAL by_read = read_key_products[h * R + g], by_key = key_products[h * R + g];
+                for (int64_t i = 0; i < N; i++)
+                    grad_writes[i] += weights[i] * by_read + grad_dot[i] * by_key;
+            }
+        }
+        /* along each feature: δM_t complete into δM, δk_r += Σ_i δdot_r(i) M(i) + w^w_r(i)
+         * δM_t(i), the write undone (M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back)
+         * and the cleared slot's δ set to 0; by blocks of slots, then slot by slot */
         for (int64_t r = 0; r < R; r++)
             for (int64_t j = 0; j < W; j++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
         for (int64_t j = 0; j < W; j++) {
-            REAL *row = memory + j * N;
-            REAL *grad_row = grad_memory + j * N;
-#define BLOCKS(G)                                                                                 \
-    NAME(cosine_and_write_backward_blocks)(row, grad_row, slot_scale, grad_dots, write,            \
-                                           grad_write, keys + j, grad_keys + j, N, W, blocks_end, G)
-            if (blocks_end > 0) WITH_LITERAL_HEADS(R, BLOCKS)
-#undef BLOCKS
-            for (int64_t i = blocks_end; i < N; i++) grad_row[i] += slot_scale[i] * row[i];
-            for (int64_t r = 0; r < R; r++) {
-                const REAL key = keys[r * W + j];
-                const REAL *grad_dot = grad_dots + r * N;
-                REAL sum = 0;
-                for (int64_t i = blocks_end; i < N; i++) {
-                    sum += grad_dot[i] * row[i];
-                    grad_row[i] += grad_dot[i] * key;
+            REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
+            if (b + 1 < B) /* the next sequence's memory and δM, which its first pass takes by
+                            * columns, a pattern the hardware's prefetcher does not follow */
+                for (int64_t offset = 0; offset < N; offset += 64 / sizeof(REAL)) {
+                    __builtin_prefetch(row + W * N + offset);
+                    __builtin_prefetch(grad_row + W * N + offset);
                 }
-                grad_keys[r * W + j] += sum;
-            }
-            for (int64_t r = 0; r < R; r++) {
-                const REAL key = keys[r * W + j];
-                const REAL *weights = write + r * N;
-                REAL *grad_weights = grad_write + r * N, sum = 0;
-                for (int64_t i = blocks_end; i < N; i++) {
-                    grad_weights[i] += grad_row[i] * key;
-                    sum += weights[i] * grad_row[i];
+#define ROW(G)                                                                                    \
+    NAME(feature_row_blocks)(row, grad_row, slot_scale, read, grad_dots, write, grad_reads + j,   \
+                             keys + j, grad_keys + j, N, W, blocks_end, G)
+            if (blocks_end > 0) WITH_LITERAL_HEADS(R, ROW)
+#undef ROW
+            for (int64_t i = blocks_end; i < N; i++) {
+                REAL m = row[i], grad_m = grad_row[i] + slot_scale[i] * m;
+                for (int64_t r = 0; r < R; r++)
+                    grad_m += read[r * N + i] * grad_reads[r * W + j] +
+                              grad_dots[r * N + i] * keys[r * W + j];
+                for (int64_t r = 0; r < R; r++) {
+                    const REAL weights = write[r * N + i];
+                    grad_keys[r * W + j] += grad_dots[r * N + i] * row[i] + weights * grad_m;
+                    m -= weights * keys[r * W + j];
                 }
-                grad_keys[r * W + j] += sum;
+                grad_row[i] = grad_m;
+                row[i] = m;
             }
             grad_row[least[0]] = 0;
-            /* undo the step: M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back */
-            for (int64_t r = 0; r < R; r++) {
-                const REAL key = keys[r * W + j];
-                const REAL *weights = write + r * N;
-                for (int64_t i = blocks_end; i < N; i++) row[i] -= weights[i] * key;
-            }
             row[least[0]] = cleared[j];
         }
         /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu: δσ(α), and δw^r_{t-1} replaces δw^r_t */
