@@ -414,21 +414,26 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                 grad_read[r * N + i] += grad_usage[i];
             }
         /* down each slot's features: δw^r_r(i) += δr_r·M(i), δw^w_r(i) += k_r·δM(i); by blocks of
-         * slots (the heads' sums in registers), then slot by slot */
-        const int64_t blocks_end = R <= REGISTER_HEADS ? N - N % LANES : 0;
-        for (int64_t i = 0; i < blocks_end; i += LANES) {
+         * slots, up to REGISTER_HEADS heads at a time (each head's sums are its own), then slot
+         * by slot */
+        const int64_t vectors_end = N - N % LANES;
+        for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
+            const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
+            for (int64_t i = 0; i < vectors_end; i += LANES) {
 #define SUMS(G)                                                                                   \
-    NAME(feature_sums_block)(memory + i, grad_memory + i, grad_reads, keys, grad_read + i,         \
-                             grad_write + i, N, W, G)
-            WITH_LITERAL_HEADS(R, SUMS)
+    NAME(feature_sums_block)(memory + i, grad_memory + i, grad_reads + first * W,                 \
+                             keys + first * W, grad_read + first * N + i,                         \
+                             grad_write + first * N + i, N, W, G)
+                WITH_LITERAL_HEADS(heads, SUMS)
 #undef SUMS
+            }
         }
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
             for (int64_t r = 0; r < R; r++) {
                 const REAL grad = grad_reads[r * W + j], key = keys[r * W + j];
                 REAL *grad_weights = grad_read + r * N, *grad_writes = grad_write + r * N;
-                for (int64_t i = blocks_end; i < N; i++) {
+                for (int64_t i = vectors_end; i < N; i++) {
                     grad_weights[i] += grad * row[i];
                     grad_writes[i] += key * grad_row[i];
                 }
@@ -468,6 +473,7 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         /* along each feature: δM_t complete into δM, δk_r += Σ_i δdot_r(i) M(i) + w^w_r(i)
          * δM_t(i), the write undone (M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back)
          * and the cleared slot's δ set to 0; by blocks of slots, then slot by slot */
+        const int64_t blocks_end = R <= REGISTER_HEADS ? vectors_end : 0; /* all heads at once */
         for (int64_t r = 0; r < R; r++)
             for (int64_t j = 0; j < W; j++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
         for (int64_t j = 0; j < W; j++) {
