@@ -29,6 +29,7 @@ from fwlab.errors import ConfigError
 from fwlab.loggers import WANDB_ID_FILE, make_logger
 from fwlab.objective import objective_of
 from fwlab.registry import Registry, default_registry
+from fwlab.requeue import RequeueAtBatchEnd
 from fwlab.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, create_run_dir, run_dir_of
 
 CHECKPOINT_CONFIG_KEY = "fwlab_config"
@@ -267,7 +268,12 @@ def _train_and_evaluate(
     trainer = L.Trainer(
         **plain["trainer"],
         logger=logger if logger is not None else False,
-        callbacks=[checkpoints, ValidateOnLastStep(), SaveConfigInCheckpoint(plain, run_dir)],
+        callbacks=[
+            checkpoints,
+            ValidateOnLastStep(),
+            SaveConfigInCheckpoint(plain, run_dir),
+            RequeueAtBatchEnd(),
+        ],
         default_root_dir=run_dir,
     )
 

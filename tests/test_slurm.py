@@ -13,9 +13,24 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from fwlab.requeue import RequeueAtBatchEnd
 
 from .conftest import fwlab_env, read_results, run_fwlab, write_executable
+
+SLURM_JOB = {  # the variables of a one-task SLURM job, as Lightning reads them
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "fwlab-fit",
+    "SLURM_NTASKS": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "localhost",
+}
 
 
 def sbatch_options(script: str) -> dict[str, str]:
@@ -90,17 +105,10 @@ def test_a_requeued_job_resumes_from_its_checkpoint_under_the_same_wandb_run(tmp
     run_dir = tmp_path / "job"
     env = fwlab_env(tmp_path)
     env.update(
+        SLURM_JOB,
         PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
         WANDB_MODE="offline",
         FWLAB_RUN_DIR=str(run_dir),  # what the sbatch script exports
-        SLURM_JOB_ID="4242",
-        SLURM_JOB_NAME="fwlab-fit",
-        SLURM_NTASKS="1",
-        SLURM_PROCID="0",
-        SLURM_LOCALID="0",
-        SLURM_NODEID="0",
-        SLURM_NNODES="1",
-        SLURM_NODELIST="localhost",
     )
     command = [sys.executable, "-m", "fwlab", "fit", "--model", "fast_weights", "--data",
                "retrieval", "data.train_size=256", "data.val_size=32", "data.test_size=32",
@@ -133,3 +141,47 @@ def test_a_requeued_job_resumes_from_its_checkpoint_under_the_same_wandb_run(tmp
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline_runs)
     assert len(list(run_dir.glob("config*.yaml"))) == 1  # the same config both times
+
+
+class SignalledAfterAnOptimizerStep(BoringModel):
+    """Sends itself SLURM's requeue signal right after the optimizer step of step ``at``, before
+    Lightning counts the step and its batch: where a checkpoint taken at once would hold the
+    step's weights but have the batch run again on resuming."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)  # its Python handler runs before this returns
+
+
+def test_the_requeue_checkpoint_is_taken_at_the_end_of_the_signalled_batch(tmp_path, monkeypatch):
+    """RequeueAtBatchEnd (in every fwlab fit): the signal mid-step, the checkpoint and the
+    requeue after the batch; Lightning's progress counters in the checkpoint say so (the batch
+    processed, not yet completed: Lightning counts it completed on resuming). The handler that
+    was there before fit is back after it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in SLURM_JOB.items():
+        monkeypatch.setenv(key, value)
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, accelerator="cpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[RequeueAtBatchEnd()])  # fmt: skip
+    trainer.fit(SignalledAfterAnOptimizerStep(at=2))
+
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    loop = saved["loops"]["fit_loop"]
+    batches = loop["epoch_loop.batch_progress"]["total"]
+    steps = loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["total"]
+    assert saved["global_step"] == 3 and steps["ready"] == steps["completed"] == 3
+    assert batches["started"] == batches["processed"] == 3 and batches["completed"] == 2
+    assert trainer.global_step == 6  # the fake scontrol does not end the job
+    assert signal.getsignal(signal.SIGUSR1) == before
