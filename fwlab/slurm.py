@@ -4,7 +4,8 @@ The script relies on Lightning's SLURM support: one task per device (``srun``, t
 devices per node, Lightning reads ranks and the master address from SLURM's variables), and
 automatic requeue: ``--signal=SIGUSR1@<s>`` makes SLURM signal every task ``s`` seconds before
 the time limit; Lightning then saves ``hpc_ckpt_<n>.ckpt`` in the run directory and calls
-``scontrol requeue``. The job's tasks share one run directory, fixed in the script
+``scontrol requeue``, at the end of the batch the signal arrives in (:mod:`fwlab.requeue`).
+The job's tasks share one run directory, fixed in the script
 (``FWLAB_RUN_DIR``), so the requeued job finds that checkpoint, continues from it, and
 continues the same W&B run (its id is stored in the run directory and in the checkpoint).
 """
