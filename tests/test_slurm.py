@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,3 +186,65 @@ def test_the_requeue_checkpoint_is_taken_at_the_end_of_the_signalled_batch(tmp_p
     assert batches["started"] == batches["processed"] == 3 and batches["completed"] == 2
     assert trainer.global_step == 6  # the fake scontrol does not end the job
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+TWO_TASK_JOB = """
+import os, signal, sys
+
+import lightning as L
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from fwlab.requeue import RequeueAtBatchEnd
+
+
+class SignalledOnRankOne(BoringModel):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.global_step == 2 and self.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+trainer = L.Trainer(max_steps=6, limit_val_batches=0, accelerator="cpu", devices=2,
+                    strategy="ddp", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=sys.argv[1], callbacks=[RequeueAtBatchEnd()])
+trainer.fit(SignalledOnRankOne())
+print("global_step", trainer.global_step)
+"""
+
+
+def test_the_tasks_of_a_job_agree_on_the_batch_they_save_at(tmp_path):
+    """Two DDP tasks as srun starts them; only rank 1 gets the signal (SLURM signals each task
+    at its own moment). Both save at the end of the same batch (the checkpoint's save has a
+    barrier: a rank saving alone would hang against the other's gradient all-reduce), rank 0
+    alone calls scontrol, and both finish."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    script = tmp_path / "job.py"
+    script.write_text(TWO_TASK_JOB)
+    with socket.socket() as probe:  # a free port for the tasks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tasks = []
+    for rank in (0, 1):
+        env = fwlab_env(tmp_path)
+        env.update(SLURM_JOB, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MASTER_PORT=str(port),
+                   SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(rank))  # fmt: skip
+        tasks.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        outputs = [task.communicate(timeout=180) for task in tasks]
+    finally:  # a task left hanging (ranks saving at different batches) is not left running
+        for task in tasks:
+            task.kill()
+    for task, (stdout, stderr) in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, stderr[-3000:]
+        assert "global_step 6" in stdout
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    saved = torch.load(tmp_path / "run" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert saved["global_step"] == 3
+    assert batches["processed"] == 3 and batches["completed"] == 2
