@@ -20,7 +20,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from fwlab.requeue import RequeueAtBatchEnd
 
-from .conftest import fwlab_env, read_results, run_fwlab, write_executable
+from .conftest import REPO, fwlab_env, read_results, run_fwlab, write_executable
 
 SLURM_JOB = {  # the variables of a one-task SLURM job, as Lightning reads them
     "SLURM_JOB_ID": "4242",
@@ -32,6 +32,16 @@ SLURM_JOB = {  # the variables of a one-task SLURM job, as Lightning reads them
     "SLURM_NNODES": "1",
     "SLURM_NODELIST": "localhost",
 }
+
+
+def fake_scontrol(tmp_path, kills_the_job: bool = False) -> str:
+    """A folder holding an ``scontrol`` that records its arguments in ``scontrol.calls`` (and,
+    like SLURM's requeue, ends the job that called it when ``kills_the_job``): for PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n'
+    write_executable(bin_dir / "scontrol", script + ("kill -9 $PPID\n" if kills_the_job else ""))
+    return str(bin_dir)
 
 
 def sbatch_options(script: str) -> dict[str, str]:
@@ -99,10 +109,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_under_the_same_wandb_run(tmp
     """SIGUSR1 (SLURM's warning before the time limit) -> Lightning saves hpc_ckpt_1.ckpt and
     calls `scontrol requeue`; the fake scontrol records that and kills the job, as SLURM would.
     The same command in the same job environment then continues from that checkpoint."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n'
-                     "kill -9 $PPID\n")  # fmt: skip
+    bin_dir = fake_scontrol(tmp_path, kills_the_job=True)
     run_dir = tmp_path / "job"
     env = fwlab_env(tmp_path)
     env.update(
@@ -145,17 +152,18 @@ def test_a_requeued_job_resumes_from_its_checkpoint_under_the_same_wandb_run(tmp
 
 
 class SignalledAfterAnOptimizerStep(BoringModel):
-    """Sends itself SLURM's requeue signal right after the optimizer step of step ``at``, before
-    Lightning counts the step and its batch: where a checkpoint taken at once would hold the
-    step's weights but have the batch run again on resuming."""
+    """Sends itself SLURM's requeue signal right after the optimizer step of step ``at`` (in
+    the process of rank ``rank`` only, if given), before Lightning counts the step and its
+    batch: where a checkpoint taken at once would hold the step's weights but have the batch
+    run again on resuming."""
 
-    def __init__(self, at: int) -> None:
+    def __init__(self, at: int, rank: int | None = None) -> None:
         super().__init__()
-        self.at = at
+        self.at, self.rank = at, rank
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self.global_step == self.at:
+        if self.global_step == self.at and self.rank in (None, self.global_rank):
             os.kill(os.getpid(), signal.SIGUSR1)  # its Python handler runs before this returns
 
 
@@ -164,10 +172,7 @@ def test_the_requeue_checkpoint_is_taken_at_the_end_of_the_signalled_batch(tmp_p
     requeue after the batch; Lightning's progress counters in the checkpoint say so (the batch
     processed, not yet completed: Lightning counts it completed on resuming). The handler that
     was there before fit is back after it."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{fake_scontrol(tmp_path)}{os.pathsep}{os.environ['PATH']}")
     for key, value in SLURM_JOB.items():
         monkeypatch.setenv(key, value)
     before = signal.getsignal(signal.SIGUSR1)
@@ -188,27 +193,20 @@ def test_the_requeue_checkpoint_is_taken_at_the_end_of_the_signalled_batch(tmp_p
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
-TWO_TASK_JOB = """
-import os, signal, sys
+TWO_TASK_JOB = f"""
+import sys
 
 import lightning as L
-from lightning.pytorch.demos.boring_classes import BoringModel
 
+sys.path.insert(0, {str(REPO)!r})
 from fwlab.requeue import RequeueAtBatchEnd
-
-
-class SignalledOnRankOne(BoringModel):
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        if self.global_step == 2 and self.global_rank == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
+from tests.test_slurm import SignalledAfterAnOptimizerStep
 
 trainer = L.Trainer(max_steps=6, limit_val_batches=0, accelerator="cpu", devices=2,
                     strategy="ddp", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False,
                     default_root_dir=sys.argv[1], callbacks=[RequeueAtBatchEnd()])
-trainer.fit(SignalledOnRankOne())
+trainer.fit(SignalledAfterAnOptimizerStep(at=2, rank=1))
 print("global_step", trainer.global_step)
 """
 
@@ -218,9 +216,7 @@ def test_the_tasks_of_a_job_agree_on_the_batch_they_save_at(tmp_path):
     at its own moment). Both save at the end of the same batch (the checkpoint's save has a
     barrier: a rank saving alone would hang against the other's gradient all-reduce), rank 0
     alone calls scontrol, and both finish."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    bin_dir = fake_scontrol(tmp_path)
     script = tmp_path / "job.py"
     script.write_text(TWO_TASK_JOB)
     with socket.socket() as probe:  # a free port for the tasks' rendezvous
