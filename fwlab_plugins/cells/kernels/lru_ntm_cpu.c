@@ -1,4 +1,4 @@
-/* The LRU-NTM's time loop on the CPU, forward and backward (see lru_ntm_cpu.py for what the
+/* The LRU-NTM's time loop on the CPU, forward and backward (see lru_ntm_node.py for what the
  * driver does around it, and lru_ntm.py / lru_addressing.py for the equations, which this file
  * follows line by line).
  *
