@@ -407,6 +407,11 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         REAL *grad_memory = p->grad_memory + b * W * N;
         REAL *grad_read = p->grad_read_weights + b * R * N, *grad_usage = p->grad_usage + b * N;
         REAL *grad_head = p->grad_head + tb * E;
+        /* a slot the forward pass left at 0 is 0, not the rounding error of the undone writes,
+         * which the cosine's gradient there (δdot = δK / ε) would multiply by 1e8 */
+        for (int64_t i = 0; i < N; i++)
+            if (slot_norms[i] == 0)
+                for (int64_t j = 0; j < W; j++) memory[j * N + i] = 0;
         /* usage: δw^r += δw^u, δw^w = δw^u */
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < N; i++) {
