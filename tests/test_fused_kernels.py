@@ -25,6 +25,8 @@ FUSED = [
     ("irnn", {"input_init_std": 0.5}, 128),
     ("fast_weights", {"form": "memory"}, 256),  # inner_steps > 1: test_fast_weights.py
     ("bn_lstm", {}, 64),  # in float64; evaluation, shared statistics slots: test_bn_lstm.py
+    # a memory whose sizes are not powers of two (the paper's 128 x 40, R = 4: test_lru_ntm.py)
+    ("lru_ntm", {"memory_slots": 12, "memory_width": 5, "read_heads": 3}, 100),
 ]
 # (batch, steps, inputs, hidden): a batch that is not a whole number of tiles, a hidden size
 # that is not a power of two, one step, and (hidden 0) the widest hidden size the kernel takes
@@ -85,8 +87,9 @@ def test_fused_path_matches_the_reference_in_float64(name, overrides, widest, sh
 
 
 # rows whose gradient check takes tens of seconds in Triton's interpreter (BN-LSTM: 40 s, for
-# its ~110 weights): slow there; the float64 comparison above holds them to their reference
-SLOW_GRADIENT_CHECK = {"bn_lstm"} if DEVICE == "cpu" else set()
+# its ~110 weights; LRU-NTM: ~170 s, ~400): slow there; the float64 comparison above holds them
+# to their reference
+SLOW_GRADIENT_CHECK = {"bn_lstm", "lru_ntm"} if DEVICE == "cpu" else set()
 
 
 @pytest.mark.parametrize(

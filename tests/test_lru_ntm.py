@@ -400,7 +400,26 @@ def test_c_kernel_leaves_the_callers_state_alone(width):
         assert torch.equal(tensor, copy)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("c", marks=C_KERNEL)])
+def _triton_interpreting() -> bool:
+    import importlib.util
+
+    from fwlab_plugins.cells import kernels
+
+    return importlib.util.find_spec("triton") is not None and kernels.interpreting()
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param("c", marks=C_KERNEL),
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                not _triton_interpreting(), reason="needs triton and TRITON_INTERPRET=1"
+            ),
+        ),
+    ],
+)
 def test_float32_kernel_gradients_are_as_accurate_as_the_pytorch_float32_loop(kernel):
     """The kernels undo each step's write in the backward pass, leaving float32 rounding in the
     memory they differentiate at. Where the forward pass left a slot at exactly 0 (all but R

@@ -20,10 +20,12 @@ the gates, W_x x_t + b, is one product over all steps, and the per-step products
 h_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
 whose weight gradients are one product over all steps too.
 
-On the CPU the whole sequence runs as one autograd node whose time loop, the two per-step
-products included, is C code (:mod:`.kernels.lru_ntm_cpu`, ``model.kernel=auto|c``), where a C
-compiler is available; ``model.kernel=torch`` keeps the code below, the reference the tests hold
-it to.
+The whole sequence can run as one autograd node (:mod:`.kernels.lru_ntm_node`) whose time loop,
+the two per-step products included, is a kernel's: C code on the CPU (:mod:`.kernels.
+lru_ntm_cpu`; ``model.kernel=auto|c``, ``auto`` where a C compiler is available), or a Triton
+kernel, one program per sequence (:mod:`.kernels.lru_ntm_triton`; ``model.kernel=triton``: on
+CUDA, or in Triton's CPU interpreter; ``auto`` does not choose it until it has been timed on a
+GPU). ``model.kernel=torch`` keeps the code below, the reference the tests hold both to.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class LRUNTMConfig(CellConfig):
     memory_width: int = 40  # W
     read_heads: int = 4  # R; also n, the number of least-used slots
     usage_decay: float = 0.95  # γ
-    # the time loop: auto (the C kernel on the CPU where it builds) | c | torch (the reference)
+    # the time loop: auto (the C kernel on the CPU where it builds) | c | triton | torch (the
+    # reference)
     kernel: Kernel = Kernel.auto
 
 
@@ -70,7 +73,7 @@ class LRUNTMCell(Cell):
 
     def __init__(self, input_size: int, config: LRUNTMConfig) -> None:
         super().__init__(input_size, config)
-        self.kernel = kernels.check_kernel(config.kernel, "lru_ntm", has=(Kernel.c,))
+        self.kernel = kernels.check_kernel(config.kernel, "lru_ntm", has=(Kernel.c, Kernel.triton))
         heads, width = config.read_heads, config.memory_width
         if not 1 <= heads <= config.memory_slots:
             raise ValueError(
@@ -114,12 +117,10 @@ class LRUNTMCell(Cell):
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         dtype = self.controller.weight_hh.dtype
 
-        def unavailable() -> str | None:
-            return lru_ntm_cpu.unavailable_reason(x.device, dtype)
-
-        if kernels.wants_c(self.kernel, x, "lru_ntm", unavailable):
+        node = self._sequence_node(x, dtype)
+        if node is not None:
             outputs, *final = apply_in_full_precision(
-                lru_ntm_cpu.LRUNTMSequenceC,
+                node,
                 dtype,
                 self._input_part(x.transpose(0, 1)),  # time-major, as the node's steps read it
                 *self._step_weights(),
@@ -133,6 +134,35 @@ class LRUNTMCell(Cell):
             output, state = self._advance(input_t, state, products)
             outputs.append(output)
         return torch.stack(outputs, dim=1), state
+
+    def _sequence_node(
+        self, x: torch.Tensor, dtype: torch.dtype
+    ) -> type[torch.autograd.Function] | None:
+        """The autograd node whose kernel runs the whole sequence (:mod:`.kernels.lru_ntm_node`),
+        Triton's or C's, as ``model.kernel`` asks and the device allows; ``None``: the
+        step-by-step reference code."""
+        config = self.config
+
+        def fits_and_slower() -> tuple[bool, str | None]:
+            from fwlab_plugins.cells.kernels import lru_ntm_triton  # imports triton
+
+            heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
+            per_step = max(4 * self.hidden_size, heads * width + self.hidden_size, heads * slots)
+            elements = max((x.shape[1] + 1) * x.shape[0] * per_step, x.shape[0] * slots * width)
+            fits = lru_ntm_triton.fits(dtype, heads, slots, width, elements)
+            return fits, lru_ntm_triton.slower()
+
+        if kernels.wants_triton(self.kernel, x, "lru_ntm", fits_and_slower):
+            from fwlab_plugins.cells.kernels import lru_ntm_triton
+
+            return lru_ntm_triton.FusedLRUNTMSequence
+
+        def unavailable() -> str | None:
+            return lru_ntm_cpu.unavailable_reason(x.device, dtype)
+
+        if kernels.wants_c(self.kernel, x, "lru_ntm", unavailable):
+            return lru_ntm_cpu.LRUNTMSequenceC
+        return None
 
     def step(self, x_t: torch.Tensor, state: LRUNTMState) -> tuple[torch.Tensor, LRUNTMState]:
         return self._advance(self._input_part(x_t), state, self._step_products())
