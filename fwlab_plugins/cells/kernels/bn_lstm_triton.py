@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from fwlab_plugins.cells.kernels import on_device, scalar_argument
+from fwlab_plugins.cells.kernels.activations_triton import sigmoid, tanh
 from fwlab_plugins.cells.kernels.irnn_triton import PRECISIONS
 from fwlab_plugins.cells.stepwise_batch_norm import StepwiseBatchNorm
 
@@ -83,16 +84,6 @@ def slower() -> str | None:
     each in a CUDA graph), the kernel took 183 ms and the PyTorch node 66 ms. One program, on
     one multiprocessor, runs the whole batch's steps one after another."""
     return "measured slower than the captured PyTorch node on an H200 (183 ms against 66)"
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -181,7 +172,7 @@ def _forward_kernel(
             mean_r_ptr, var_r_ptr, rows, cols, valid, units, t, 3, B, T, H, eps, TRAINING,
             PRECISION,
         )  # fmt: skip
-        f, i, o, g = _sigmoid(a_f), _sigmoid(a_i), _sigmoid(a_o), _tanh(a_g)
+        f, i, o, g = sigmoid(a_f), sigmoid(a_i), sigmoid(a_o), tanh(a_g)
         step4 = rows[:, None] * T * 4 * H + t * 4 * H + cols[None, :]  # gate 0 of (B, T, 4H)
         tl.store(activations_ptr + step4, f, mask=mask)
         tl.store(activations_ptr + step4 + H, i, mask=mask)
@@ -196,7 +187,7 @@ def _forward_kernel(
         tl.store(mean_c_ptr + t * H + cols, mean_c, mask=units)
         tl.store(var_c_ptr + t * H + cols, var_c, mask=units)
         scale = gamma_c / tl.sqrt(var_c + eps)
-        tanh_n = _tanh((c - mean_c[None, :]) * scale[None, :] + beta_c[None, :])
+        tanh_n = tanh((c - mean_c[None, :]) * scale[None, :] + beta_c[None, :])
         h = tl.where(mask, o * tanh_n, 0.0)
         tl.store(tanh_n_ptr + step, tanh_n, mask=mask)
         tl.store(hiddens_ptr + step, h, mask=mask)

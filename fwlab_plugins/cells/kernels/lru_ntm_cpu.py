@@ -63,15 +63,9 @@ class _CPasses:
 _PASSES = _CPasses()
 
 
-class LRUNTMSequenceC(torch.autograd.Function):
-    """:func:`.lru_ntm_node.forward`'s node with the C passes (its docstring has the inputs and
-    outputs)."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, *inputs):  # noqa: ANN205
-        return lru_ntm_node.forward(ctx, _PASSES, *inputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads):  # noqa: ANN205
-        return lru_ntm_node.backward(ctx, _PASSES, *grads)
+LRUNTMSequenceC = lru_ntm_node.node_class(
+    "LRUNTMSequenceC",
+    _PASSES,
+    ":func:`.lru_ntm_node.forward`'s node with the C passes (its docstring has the inputs "
+    "and outputs).",
+)

@@ -205,3 +205,18 @@ def backward(
         grad_z[0, :, :reads_size].reshape(batch, heads, width),
         None,
     )
+
+
+def node_class(name: str, passes: Passes, doc: str) -> type[torch.autograd.Function]:
+    """The autograd node class ``name`` whose forward and backward are :func:`forward` and
+    :func:`backward` with ``passes`` (the class's name is the node's name in autograd graphs)."""
+
+    def node_forward(ctx: torch.autograd.function.FunctionCtx, *inputs: object) -> tuple:
+        return forward(ctx, passes, *inputs)
+
+    @torch.autograd.function.once_differentiable
+    def node_backward(ctx: torch.autograd.function.FunctionCtx, *grads: object) -> tuple:
+        return backward(ctx, passes, *grads)
+
+    members = {"forward": staticmethod(node_forward), "backward": staticmethod(node_backward)}
+    return type(name, (torch.autograd.Function,), {**members, "__doc__": doc})

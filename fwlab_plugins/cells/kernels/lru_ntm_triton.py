@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fwlab_plugins.cells.kernels import lru_ntm_node, on_device, scalar_argument
+from fwlab_plugins.cells.kernels.activations_triton import sigmoid, tanh
 
 MAX_HEAD_TILE = 2**15  # R·N·W, padded to powers of two: the (R, N, W) tile of a program
 ROWS, COLS = 32, 128  # the weights' tile in a matrix-vector product
@@ -53,16 +54,6 @@ def slower() -> str | None:
     through Triton's interpreter but has not been timed on a GPU (``model.kernel=triton`` runs
     it; ``scripts/bench.py --device cuda`` times it as the ``fused`` path)."""
     return "not measured on a GPU yet"
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit
@@ -97,6 +88,34 @@ def _matvec(
         if HAS_ADD:
             sums += tl.load(add + i, mask=i < rows, other=0.0)
         tl.store(out + i, sums, mask=i < rows)
+
+
+@triton.jit
+def _tiles(
+    hidden,
+    heads,
+    slots,
+    width,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """A program's index vectors (units k_h, heads r, slots n, features w), their masks and
+    those of the (R, N), (R, W) and (N, W) tiles, and the offsets of an (R, N) and an (R, W)
+    tile in a row-major buffer and of the memory's (N, W) tile in its slot-minor (W, N) one."""
+    k_h = tl.arange(0, BLOCK_H)
+    r = tl.arange(0, BLOCK_R)
+    n = tl.arange(0, BLOCK_N)
+    w = tl.arange(0, BLOCK_W)
+    h_mask, r_mask, n_mask = k_h < hidden, r < heads, n < slots
+    rn_mask = r_mask[:, None] & n_mask[None, :]
+    rw_mask = r_mask[:, None] & (w[None, :] < width)
+    nw_mask = n_mask[:, None] & (w[None, :] < width)
+    rn = r[:, None] * slots + n[None, :]
+    rw = r[:, None] * width + w[None, :]
+    nw = w[None, :] * slots + n[:, None]
+    return k_h, r, n, w, h_mask, r_mask, n_mask, rn_mask, rw_mask, nw_mask, rn, rw, nw
 
 
 @triton.jit
@@ -137,18 +156,10 @@ def _forward_kernel(
     reads_size = heads * width
     Z, E, G = reads_size + hidden, reads_size + heads, 4 * hidden
     gamma = tl.load(usage_decay)
-    k_h = tl.arange(0, BLOCK_H)
-    r = tl.arange(0, BLOCK_R)
-    n = tl.arange(0, BLOCK_N)
-    w = tl.arange(0, BLOCK_W)
-    h_mask, r_mask, n_mask = k_h < hidden, r < heads, n < slots
-    rn_mask = r_mask[:, None] & n_mask[None, :]
-    rw_mask = r_mask[:, None] & (w[None, :] < width)
-    nw_mask = n_mask[:, None] & (w[None, :] < width)
-    rn = r[:, None] * slots + n[None, :]
-    rw = r[:, None] * width + w[None, :]
-    # M as an (N, W) tile of the slot-minor (W, N) buffer
-    memory_at = memory + b * width * slots + w[None, :] * slots + n[:, None]
+    k_h, r, n, w, h_mask, r_mask, n_mask, rn_mask, rw_mask, nw_mask, rn, rw, nw = _tiles(
+        hidden, heads, slots, width, BLOCK_H, BLOCK_R, BLOCK_N, BLOCK_W
+    )
+    memory_at = memory + b * width * slots + nw
     M = tl.load(memory_at, mask=nw_mask, other=0.0)
     used = tl.load(usage + b * slots + n, mask=n_mask, other=0.0)  # w^u_{t-1}
     read_before = tl.load(read_weights + b * heads * slots + rn, mask=rn_mask, other=0.0)
@@ -159,13 +170,13 @@ def _forward_kernel(
                 G, Z, True, ROWS, COLS)  # fmt: skip
         tl.debug_barrier()
         at = gates + row * G + k_h
-        i_gate = _sigmoid(tl.load(at, mask=h_mask, other=0.0))
-        f_gate = _sigmoid(tl.load(at + hidden, mask=h_mask, other=0.0))
-        candidate = _tanh(tl.load(at + 2 * hidden, mask=h_mask, other=0.0))
-        o_gate = _sigmoid(tl.load(at + 3 * hidden, mask=h_mask, other=0.0))
+        i_gate = sigmoid(tl.load(at, mask=h_mask, other=0.0))
+        f_gate = sigmoid(tl.load(at + hidden, mask=h_mask, other=0.0))
+        candidate = tanh(tl.load(at + 2 * hidden, mask=h_mask, other=0.0))
+        o_gate = sigmoid(tl.load(at + 3 * hidden, mask=h_mask, other=0.0))
         c = f_gate * tl.load(cells + row * hidden + k_h, mask=h_mask, other=0.0)
         c += i_gate * candidate
-        tc = _tanh(c)
+        tc = tanh(c)
         tl.store(at, i_gate, mask=h_mask)
         tl.store(at + hidden, f_gate, mask=h_mask)
         tl.store(at + 2 * hidden, candidate, mask=h_mask)
@@ -178,8 +189,8 @@ def _forward_kernel(
         _matvec(head + row * E, head_bias, head_weights, hidden, 1, z + next_row * Z + reads_size,
                 E, hidden, True, ROWS, COLS)  # fmt: skip
         tl.debug_barrier()
-        keys = _tanh(tl.load(head + row * E + rw, mask=rw_mask, other=0.0))
-        mix = _sigmoid(tl.load(head + row * E + reads_size + r, mask=r_mask, other=0.0))
+        keys = tanh(tl.load(head + row * E + rw, mask=rw_mask, other=0.0))
+        mix = sigmoid(tl.load(head + row * E + reads_size + r, mask=r_mask, other=0.0))
         tl.store(head + row * E + rw, keys, mask=rw_mask)
         tl.store(head + row * E + reads_size + r, mix, mask=r_mask)
         # the R least-used slots of w^u_{t-1}, least first, ties to the lower slot
@@ -264,17 +275,10 @@ def _backward_kernel(
     reads_size = heads * width
     Z, E, G = reads_size + hidden, reads_size + heads, 4 * hidden
     gamma = tl.load(usage_decay)
-    k_h = tl.arange(0, BLOCK_H)
-    r = tl.arange(0, BLOCK_R)
-    n = tl.arange(0, BLOCK_N)
-    w = tl.arange(0, BLOCK_W)
-    h_mask, r_mask, n_mask = k_h < hidden, r < heads, n < slots
-    rn_mask = r_mask[:, None] & n_mask[None, :]
-    rw_mask = r_mask[:, None] & (w[None, :] < width)
-    nw_mask = n_mask[:, None] & (w[None, :] < width)
-    rn = r[:, None] * slots + n[None, :]
-    rw = r[:, None] * width + w[None, :]
-    nw = b * width * slots + w[None, :] * slots + n[:, None]  # (N, W) of slot-minor (W, N)
+    k_h, r, n, w, h_mask, r_mask, n_mask, rn_mask, rw_mask, nw_mask, rn, rw, nw = _tiles(
+        hidden, heads, slots, width, BLOCK_H, BLOCK_R, BLOCK_N, BLOCK_W
+    )
+    nw += b * width * slots
     M = tl.load(memory + nw, mask=nw_mask, other=0.0)  # M_t, then M_{t-1} once undone
     grad_M = tl.load(grad_memory + nw, mask=nw_mask, other=0.0)
     grad_read = tl.load(grad_read_weights + b * heads * slots + rn, mask=rn_mask, other=0.0)
@@ -429,15 +433,9 @@ class _TritonPasses:
 _PASSES = _TritonPasses()
 
 
-class FusedLRUNTMSequence(torch.autograd.Function):
-    """:func:`.lru_ntm_node.forward`'s node with the Triton passes (its docstring has the inputs
-    and outputs)."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, *inputs):  # noqa: ANN205
-        return lru_ntm_node.forward(ctx, _PASSES, *inputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads):  # noqa: ANN205
-        return lru_ntm_node.backward(ctx, _PASSES, *grads)
+FusedLRUNTMSequence = lru_ntm_node.node_class(
+    "FusedLRUNTMSequence",
+    _PASSES,
+    ":func:`.lru_ntm_node.forward`'s node with the Triton passes (its docstring has the inputs "
+    "and outputs).",
+)
