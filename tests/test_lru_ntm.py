@@ -448,3 +448,73 @@ def test_float32_kernel_gradients_are_as_accurate_as_the_pytorch_float32_loop(ke
     ):
         kernel_error, loop_error = (got - want).abs().max(), (loop - want).abs().max()
         assert kernel_error <= 10 * loop_error + 1e-6 * want.abs().max(), index
+
+
+# Compiles the Triton kernels for a CUDA GPU (sm_90) and prints each one's registers and stack
+# (spilled registers) per thread, from the machine code Triton's own ptxas made; no GPU needed.
+COMPILE_FOR_A_GPU = """
+import os, subprocess, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fwlab_plugins.cells.kernels import lru_ntm_triton as kernels
+
+hidden, heads, slots, width = 100, 4, 128, 40  # the paper's memory
+blocks = dict(BLOCK_H=hidden, BLOCK_R=heads, BLOCK_N=slots, BLOCK_W=width)
+constants = {k: triton.next_power_of_2(v) for k, v in blocks.items()}
+constants |= dict(ROWS=kernels.ROWS, COLS=kernels.COLS)
+sizes = {"steps", "batch", "hidden", "heads", "slots", "width"}
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for kernel in (kernels._forward_kernel, kernels._backward_kernel):
+    types = {
+        name: "constexpr" if name in constants else "i32" if name in sizes
+        else "*i64" if name == "least_used" else "*fp32"
+        for name in kernel.arg_names
+    }
+    where = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    compiled = triton.compile(
+        ASTSource(kernel, types, where), target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": kernels.NUM_WARPS},
+    )
+    path = os.path.join(sys.argv[1], kernel.fn.__name__ + ".cubin")
+    with open(path, "wb") as file:
+        file.write(compiled.asm["cubin"])
+    usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    print(kernel.fn.__name__, [line.strip() for line in usage.stdout.splitlines() if "REG" in line])
+"""
+
+
+def _ptxas() -> str | None:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "ptxas")
+    return path if os.path.exists(path) else None
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its CUDA compiler (ptxas)")
+def test_the_triton_kernels_compile_for_a_cuda_gpu(tmp_path):
+    """Triton's interpreter runs what a GPU's compiler refuses (the kernels once read a plain
+    global as a constant, where the compiler wants a constexpr); with no GPU here, both
+    kernels are compiled for one (sm_90, float32, the paper's memory) down to its machine code,
+    outside the interpreter. Each must fit the register file: 8 warps of at most 255 registers,
+    the rest spilled to the stack (reported by cuobjdump, printed here)."""
+    import os
+    import subprocess
+    import sys
+
+    environment = os.environ | {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_A_GPU, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    for name in ("_forward_kernel", "_backward_kernel"):
+        line = next(line for line in done.stdout.splitlines() if line.startswith(name))
+        assert "REG:" in line and (tmp_path / f"{name}.cubin").stat().st_size > 0

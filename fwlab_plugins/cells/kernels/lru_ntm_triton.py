@@ -34,7 +34,7 @@ from fwlab_plugins.cells.kernels.activations_triton import sigmoid, tanh
 MAX_HEAD_TILE = 2**15  # R·N·W, padded to powers of two: the (R, N, W) tile of a program
 ROWS, COLS = 32, 128  # the weights' tile in a matrix-vector product
 NUM_WARPS = 8
-COSINE_EPS = 1e-8  # lru_addressing.COSINE_EPS
+COSINE_EPS = tl.constexpr(1e-8)  # lru_addressing.COSINE_EPS (a constexpr: kernels read it)
 
 
 def fits(dtype: torch.dtype, heads: int, slots: int, width: int, elements: int) -> bool:
