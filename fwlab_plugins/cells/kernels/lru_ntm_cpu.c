@@ -409,9 +409,12 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         REAL *grad_head = p->grad_head + tb * E;
         /* a slot the forward pass left at 0 is 0, not the rounding error of the undone writes,
          * which the cosine's gradient there (δdot = δK / ε) would multiply by 1e8 */
-        for (int64_t i = 0; i < N; i++)
-            if (slot_norms[i] == 0)
-                for (int64_t j = 0; j < W; j++) memory[j * N + i] = 0;
+        int64_t zero_slots = 0; /* all but R at the first step, rarely any later */
+        for (int64_t i = 0; i < N; i++) zero_slots += slot_norms[i] == 0;
+        for (int64_t j = 0; zero_slots > 0 && j < W; j++) { /* along the rows: vector blends */
+            REAL *row = memory + j * N;
+            for (int64_t i = 0; i < N; i++) row[i] = slot_norms[i] == 0 ? (REAL)0 : row[i];
+        }
         /* usage: δw^r += δw^u, δw^w = δw^u */
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < N; i++) {
