@@ -47,7 +47,9 @@ class Passes(Protocol):
     ) -> None: ...
 
 
-_UNSAVED = {"usage"}  # computed by the forward pass, not needed by the backward pass
+# not saved for the backward pass, which needs neither the inputs that only the forward pass
+# reads nor the usage
+_UNSAVED = {"input_part", "head_bias", "usage"}
 
 
 def slot_minor(memory: torch.Tensor) -> torch.Tensor:
@@ -112,12 +114,8 @@ def forward(
     settings = Settings(batch, hidden, heads, slots, width, torch.get_num_threads(), usage_decay)
     passes.forward(settings, tensors, steps)
     # saved for backward (where a saved-tensors hook may move them: the backward pass takes
-    # their addresses afresh); the inputs are not needed there, nor the usage
-    saved = {
-        name: tensor
-        for name, tensor in tensors.items()
-        if name not in _UNSAVED and name not in ("input_part", "head_bias")
-    }
+    # their addresses afresh)
+    saved = {name: tensor for name, tensor in tensors.items() if name not in _UNSAVED}
     ctx.settings, ctx.names = settings, list(saved)
     ctx.save_for_backward(*saved.values())
     # an output the loss does not use (in training, the whole final state) gets None in the
