@@ -401,11 +401,9 @@ def test_c_kernel_leaves_the_callers_state_alone(width):
 
 
 def _triton_interpreting() -> bool:
-    import importlib.util
-
     from fwlab_plugins.cells import kernels
 
-    return importlib.util.find_spec("triton") is not None and kernels.interpreting()
+    return kernels.triton_installed() and kernels.interpreting()
 
 
 @pytest.mark.parametrize(

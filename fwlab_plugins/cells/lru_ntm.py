@@ -147,8 +147,9 @@ class LRUNTMCell(Cell):
             from fwlab_plugins.cells.kernels import lru_ntm_triton  # imports triton
 
             heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
-            per_step = max(4 * self.hidden_size, heads * width + self.hidden_size, heads * slots)
-            elements = max((x.shape[1] + 1) * x.shape[0] * per_step, x.shape[0] * slots * width)
+            batch, steps = x.shape[:2]
+            sizes = (self.hidden_size, heads, slots, width)
+            elements = lru_ntm_triton.buffer_elements(batch, steps, *sizes)
             fits = lru_ntm_triton.fits(dtype, heads, slots, width, elements)
             return fits, lru_ntm_triton.slower()
 

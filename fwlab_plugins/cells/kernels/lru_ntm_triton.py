@@ -49,6 +49,15 @@ def fits(dtype: torch.dtype, heads: int, slots: int, width: int, elements: int) 
     )
 
 
+def buffer_elements(batch: int, steps: int, hidden: int, heads: int, slots: int, width: int) -> int:
+    """The elements of the largest buffer the kernels index (see :mod:`.lru_ntm_node`): the
+    per-step ones, (T + 1) × B × the widest row (4H gates, [r, h], [k̃, α], R × N weightings),
+    or the memory, B × W × N."""
+    reads_size = heads * width
+    row = max(4 * hidden, reads_size + hidden, reads_size + heads, heads * slots)
+    return max((steps + 1) * batch * row, batch * width * slots)
+
+
 def slower() -> str | None:
     """Why ``auto`` leaves CUDA runs to the graph-captured PyTorch loop: the kernel is checked
     through Triton's interpreter but has not been timed on a GPU (``model.kernel=triton`` runs
