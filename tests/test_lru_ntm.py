@@ -387,17 +387,28 @@ def test_c_kernel_passes_gradcheck_in_float64():
 
 @C_KERNEL
 @pytest.mark.parametrize("width", [1, W])  # 1: the memory's transpose is contiguous as it is
-def test_c_kernel_leaves_the_callers_state_alone(width):
-    """The kernel updates its memory in place, in its own copy: the state passed in, and the
-    state it returned, are as they were after the backward pass."""
+@pytest.mark.parametrize("slot_minor", [False, True])  # True: stored as the kernel works on it
+def test_c_kernel_leaves_the_callers_state_alone(width, slot_minor):
+    """The kernel updates its memory in place, in its own copy: the state passed in (its memory
+    stored either way), and the state it returned, are as they were after the backward pass,
+    which undoes the steps' writes in a copy of the saved M_T too: a second backward pass gives
+    the same gradients."""
     cell = LRUNTMCell(2, dataclasses.replace(make().config, memory_width=width, kernel="c"))
-    state = cell.initial_state(3)._replace(memory=torch.randn(3, N, width))
-    before = [tensor.clone() for tensor in state]
+    memory = torch.randn(3, N, width)
+    if slot_minor:
+        memory = memory.transpose(1, 2).contiguous().transpose(1, 2)
+    state = cell.initial_state(3)._replace(memory=memory.requires_grad_())
+    before = [tensor.detach().clone() for tensor in state]
     outputs, final = cell(torch.randn(3, 4, 2), state)
-    returned = [tensor.clone() for tensor in final]
-    (outputs.sum() + final.memory.sum()).backward()
+    returned = [tensor.detach().clone() for tensor in final]
+    loss = outputs.sum() + final.memory.sum()
+    wrt = [state.memory, *cell.parameters()]
+    first = torch.autograd.grad(loss, wrt, retain_graph=True)
+    second = torch.autograd.grad(loss, wrt)
     for tensor, copy in zip([*state, *final], before + returned, strict=True):
         assert torch.equal(tensor, copy)
+    for got, want in zip(second, first, strict=True):
+        assert torch.equal(got, want)
 
 
 def _triton_interpreting() -> bool:
