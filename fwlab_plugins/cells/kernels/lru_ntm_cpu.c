@@ -167,26 +167,31 @@ static inline __attribute__((always_inline)) void NAME(read_blocks)(
         for (int g = 0; g < G; g++) reads[g * W + k] = NAME(lane_sum)(sum[k][g]);
 }
 
-/* The backward pass's sums down the features of a block of slots (`memory`, `grad_memory`: M_t
- * and the carried δM, slot-minor rows N apart), for G heads (a literal; δr_g and k_g W apart,
- * the others N apart): δw^r_g(i) += Σ_j δr_g(j) M(j, i) and δw^w_g(i) += Σ_j k_g(j) δM(j, i),
- * the 2G sums in registers, nothing stored per feature. */
-static inline __attribute__((always_inline)) void NAME(feature_sums_block)(
-    const REAL *memory, const REAL *grad_memory, const REAL *grad_reads, const REAL *keys,
-    REAL *grad_read, REAL *grad_write, int64_t N, int64_t W, const int G) {
-    NAME(vec) reads[REGISTER_HEADS], writes[REGISTER_HEADS];
-    for (int g = 0; g < G; g++) reads[g] = writes[g] = (NAME(vec)){0};
+/* The backward pass's sums down the features of BLOCKS blocks of slots (a literal, 1 or 2) of a
+ * slot-minor matrix X (`x`, rows N apart), for G heads (a literal; factors W apart, sums N
+ * apart): sums_g(i) += Σ_j f_g(j) X(j, i), the BLOCKS·G sums in registers, nothing stored per
+ * feature: δw^r_g += δr_g·M(i) with X = M_t, δw^w_g += k_g·δM(i) with X = δM. Two blocks give each
+ * broadcast factor two uses: with one, the G broadcasts and the vector's load per feature
+ * outnumbered its G multiply-adds on the load ports (two per cycle). */
+static inline __attribute__((always_inline)) void NAME(column_sums_blocks)(
+    const REAL *x, const REAL *factors, REAL *sums, int64_t N, int64_t W, const int BLOCKS,
+    const int G) {
+    NAME(vec) sum[2][REGISTER_HEADS];
+    for (int k = 0; k < BLOCKS; k++)
+        for (int g = 0; g < G; g++) sum[k][g] = (NAME(vec)){0};
     for (int64_t j = 0; j < W; j++) {
-        const NAME(vec) m = NAME(load)(memory + j * N), grad_m = NAME(load)(grad_memory + j * N);
+        NAME(vec) column[2];
+        for (int k = 0; k < BLOCKS; k++) column[k] = NAME(load)(x + j * N + k * LANES);
         for (int g = 0; g < G; g++) {
-            reads[g] += grad_reads[g * W + j] * m;
-            writes[g] += keys[g * W + j] * grad_m;
+            const REAL factor = factors[g * W + j];
+            for (int k = 0; k < BLOCKS; k++) sum[k][g] += factor * column[k];
         }
     }
-    for (int g = 0; g < G; g++) {
-        NAME(store)(grad_read + g * N, NAME(load)(grad_read + g * N) + reads[g]);
-        NAME(store)(grad_write + g * N, NAME(load)(grad_write + g * N) + writes[g]);
-    }
+    for (int k = 0; k < BLOCKS; k++)
+        for (int g = 0; g < G; g++) {
+            REAL *to = sums + g * N + k * LANES;
+            NAME(store)(to, NAME(load)(to) + sum[k][g]);
+        }
 }
 
 /* The rest of the backward pass for one feature j of the memory (`row`, `grad_row`: M_t(j) and
@@ -469,11 +474,20 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         const int64_t vectors_end = N - N % LANES;
         for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
             const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
-            for (int64_t i = 0; i < vectors_end; i += LANES) {
+            for (int64_t i = 0; i < vectors_end; i += 2 * LANES) {
+                const int blocks = i + 2 * LANES <= vectors_end ? 2 : 1;
 #define SUMS(G)                                                                                   \
-    NAME(feature_sums_block)(memory + i, grad_memory + i, grad_reads + first * W,                 \
-                             keys + first * W, grad_read + first * N + i,                         \
-                             grad_write + first * N + i, N, W, G)
+    if (blocks == 2) {                                                                            \
+        NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i,   \
+                                 N, W, 2, G);                                                     \
+        NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i,   \
+                                 N, W, 2, G);                                                     \
+    } else {                                                                                      \
+        NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i,   \
+                                 N, W, 1, G);                                                     \
+        NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i,   \
+                                 N, W, 1, G);                                                     \
+    }
                 WITH_LITERAL_HEADS(heads, SUMS)
 #undef SUMS
             }
