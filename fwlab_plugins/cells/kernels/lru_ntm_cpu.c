@@ -474,23 +474,19 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         const int64_t vectors_end = N - N % LANES;
         for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
             const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
-            for (int64_t i = 0; i < vectors_end; i += 2 * LANES) {
-                const int blocks = i + 2 * LANES <= vectors_end ? 2 : 1;
-#define SUMS(G)                                                                                   \
-    if (blocks == 2) {                                                                            \
-        NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i,   \
-                                 N, W, 2, G);                                                     \
-        NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i,   \
-                                 N, W, 2, G);                                                     \
-    } else {                                                                                      \
-        NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i,   \
-                                 N, W, 1, G);                                                     \
-        NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i,   \
-                                 N, W, 1, G);                                                     \
-    }
-                WITH_LITERAL_HEADS(heads, SUMS)
+#define SUMS(BLOCKS, G)                                                                           \
+    NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i, N, W, \
+                             BLOCKS, G);                                                          \
+    NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i, N, W, \
+                             BLOCKS, G)
+#define PAIR_SUMS(G) SUMS(2, G)
+#define BLOCK_SUMS(G) SUMS(1, G)
+            int64_t i = 0;
+            for (; i + 2 * LANES <= vectors_end; i += 2 * LANES) WITH_LITERAL_HEADS(heads, PAIR_SUMS)
+            if (i < vectors_end) WITH_LITERAL_HEADS(heads, BLOCK_SUMS) /* an odd one out */
 #undef SUMS
-            }
+#undef PAIR_SUMS
+#undef BLOCK_SUMS
         }
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
