@@ -15,6 +15,7 @@
 #include <tgmath.h>  /* exp, sqrt in REAL: expf and sqrtf for float */
 #include <stdint.h>
 
+#include "activations.h" /* NAME(sigmoid), NAME(tanh_) */
 #include "step_products.h"
 
 typedef struct {
@@ -49,8 +50,6 @@ typedef struct {
     REAL *grad_gamma_c, *grad_beta_c; /* (H), summed over steps */
 } NAME(BNLSTMBuffers);
 
-static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
-static inline REAL NAME(tanh_)(REAL x) { return (REAL)2 / ((REAL)1 + exp(-2 * x)) - (REAL)1; }
 
 /* Batch statistics of x (B, F) into mean and ρ, the running averages of the row updated
  * (the variance unbiased there, as F.batch_norm); in evaluation ρ of the population's. */

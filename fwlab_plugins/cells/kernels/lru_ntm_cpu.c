@@ -31,6 +31,7 @@
 #include <string.h>
 #include <tgmath.h> /* exp, sqrt in REAL: expf and sqrtf for float */
 
+#include "activations.h"   /* NAME(sigmoid), NAME(tanh_) */
 #include "step_products.h" /* and vectors.h: NAME(vec), LANES, THREAD_INDEX */
 
 #define COSINE_EPS 1e-8 /* lru_addressing.COSINE_EPS */
@@ -73,8 +74,6 @@ static int64_t NAME(backward_scratch_size)(const NAME(LRUNTMBuffers) *p) {
     return 2 * R * N + N + R * W + 2 * R + 2 * R * R;
 }
 
-static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + exp(-x)); }
-static inline REAL NAME(tanh_)(REAL x) { return (REAL)2 / ((REAL)1 + exp(-2 * x)) - (REAL)1; }
 
 /* exp(x) of a cosine, x in [−1, 1]: in float32 a polynomial of degree 8 inline (Chebyshev
  * interpolation on [−1.05, 1.05]; relative error below 3.1e-7 there, evaluated in float32,
@@ -257,23 +256,32 @@ static inline __attribute__((always_inline)) void NAME(write_terms_blocks)(
     }
 }
 
+/* c = f ⊙ c_before + i ⊙ g, tanh(c) and h = o ⊙ tanh(c) from the activated gates [i, f, g, o]
+ * (`gates`, 4H). A function of its own for the restrict pointers (on local variables GCC ignored
+ * them), without which GCC gave up vectorising the loop for the run-time checks of its five
+ * arrays' overlaps. */
+static void NAME(cell_update)(const REAL *restrict gates, const REAL *restrict c_before,
+                              REAL *restrict c, REAL *restrict tanh_c, REAL *restrict h,
+                              int64_t H) {
+    for (int64_t k = 0; k < H; k++) {
+        c[k] = gates[H + k] * c_before[k] + gates[k] * gates[2 * H + k];
+        tanh_c[k] = NAME(tanh_)(c[k]);
+        h[k] = gates[3 * H + k] * tanh_c[k];
+    }
+}
+
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
 static void NAME(controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         REAL *a = p->gates + (t * B + b) * 4 * H;
-        const REAL *c_before = p->cells + (t * B + b) * H;
-        REAL *c = p->cells + ((t + 1) * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;
-        REAL *h = p->z + ((t + 1) * B + b) * Z + p->heads * p->width;
         for (int64_t k = 0; k < 2 * H; k++) a[k] = NAME(sigmoid)(a[k]);
         for (int64_t k = 2 * H; k < 3 * H; k++) a[k] = NAME(tanh_)(a[k]);
         for (int64_t k = 3 * H; k < 4 * H; k++) a[k] = NAME(sigmoid)(a[k]);
-        for (int64_t k = 0; k < H; k++) {
-            c[k] = a[H + k] * c_before[k] + a[k] * a[2 * H + k];
-            tc[k] = NAME(tanh_)(c[k]);
-            h[k] = a[3 * H + k] * tc[k];
-        }
+        NAME(cell_update)(a, p->cells + (t * B + b) * H, p->cells + ((t + 1) * B + b) * H,
+                          p->tanh_c + (t * B + b) * H, p->z + ((t + 1) * B + b) * Z + p->heads * p->width,
+                          H);
     }
 }
 
