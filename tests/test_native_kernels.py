@@ -4,6 +4,7 @@ process's floating-point mode left as it was."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -153,3 +154,48 @@ def test_a_compiler_without_openmp_builds_kernels_that_run_on_one_thread(fresh_b
     outputs = fused(x)[0]
     assert made_by(outputs, "LRUNTMSequenceC")
     torch.testing.assert_close(outputs, reference(x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernels_activations_match_torch_to_their_precision(fresh_build, tmp_path, dtype):
+    """activations.h, built as the kernels are (-ffast-math, the vector flags): e^x (inline in
+    float32: range reduction by ln 2 and a polynomial; exp in float64), σ and tanh, on a grid
+    over [−100, 100] against float64 torch. e^x within 2 ulps where float32 has it as a normal
+    number ([−87, 88]); σ = 1 / (1 + e^−x) and tanh = 2 / (1 + e^−2x) − 1 within what their own
+    roundings give in float32 (4e-7 near tanh(2), against 3e-8 for torch's tanh), and finite
+    at the saturated ends, where e^−x overflows: with -ffast-math, libm's exp there made σ and
+    tanh NaN (below −44 for tanh) before the kernels clamped x (and float64's beyond ±709), as
+    ±1000 checks. In float64 within 1e-15."""
+    header = Path(lru_ntm_cpu.SOURCE).with_name("activations.h")
+    source = tmp_path / "activations.c"
+    source.write_text(
+        f'#include "{header}"\n'
+        "void NAME(activate)(const REAL *x, REAL *e, REAL *s, REAL *t, int64_t n) {\n"
+        "    for (int64_t k = 0; k < n; k++) {\n"
+        "        e[k] = NAME(exp_)(x[k]);\n"
+        "        s[k] = NAME(sigmoid)(x[k]);\n"
+        "        t[k] = NAME(tanh_)(x[k]);\n"
+        "    }\n"
+        "}\n"
+    )
+    library = native.load(source)
+    grid = torch.linspace(-100, 100, 400_001, dtype=dtype)
+    x = torch.cat([grid, torch.tensor([-1000.0, 1000.0], dtype=dtype)])  # beyond exp's range
+    e, s, t = (torch.empty_like(x) for _ in range(3))
+    suffix = native.dtype_suffix(dtype)
+    getattr(library, f"activate_{suffix}")(
+        *[ctypes.c_void_p(native.pointer(tensor)) for tensor in (x, e, s, t)],
+        ctypes.c_int64(x.numel()),
+    )
+    saturated = torch.tensor([[0.0, 1.0], [-1.0, 1.0]], dtype=dtype)
+    torch.testing.assert_close(torch.stack([s[-2:], t[-2:]]), saturated, rtol=0, atol=1e-30)
+    x, e, s, t = x[:-2], e[:-2], s[:-2], t[:-2]
+    exact = x.double()
+    normal = (exact > -87) & (exact < 88)
+    relative = ((e.double() - exact.exp()) / exact.exp())[normal].abs().max().item()
+    sigmoid_error = (s.double() - exact.sigmoid()).abs().max().item()
+    tanh_error = (t.double() - exact.tanh()).abs().max().item()
+    if dtype == torch.float32:
+        assert relative < 2.4e-7 and sigmoid_error < 2.5e-7 and tanh_error < 4e-7
+    else:
+        assert relative < 1e-15 and sigmoid_error < 1e-15 and tanh_error < 1e-15

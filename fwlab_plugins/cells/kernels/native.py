@@ -97,7 +97,7 @@ def _source_text(source: Path) -> str:
     order: what a build depends on, so an edit to any of them makes a new library. (A quoted
     name not found there is left to the compiler, which says so if it is nowhere.)"""
     text = source.read_text()
-    beside = [source.with_name(name) for name in _LOCAL_INCLUDE.findall(text)]
+    beside = [source.parent / name for name in _LOCAL_INCLUDE.findall(text)]  # or a path
     return "\0".join([text, *[_source_text(path) for path in beside if path.is_file()]])
 
 
