@@ -38,4 +38,6 @@ static inline REAL NAME(exp_)(REAL x) {
 }
 
 static inline REAL NAME(sigmoid)(REAL x) { return (REAL)1 / ((REAL)1 + NAME(exp_)(-x)); }
-static inline REAL NAME(tanh_)(REAL x) { return (REAL)2 / ((REAL)1 + NAME(exp_)(-2 * x)) - (REAL)1; }
+static inline REAL NAME(tanh_)(REAL x) {
+    return (REAL)2 / ((REAL)1 + NAME(exp_)(-2 * x)) - (REAL)1;
+}

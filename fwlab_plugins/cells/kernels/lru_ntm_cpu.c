@@ -74,7 +74,6 @@ static int64_t NAME(backward_scratch_size)(const NAME(LRUNTMBuffers) *p) {
     return 2 * R * N + N + R * W + 2 * R + 2 * R * R;
 }
 
-
 /* exp(x) of a cosine, x in [−1, 1]: in float32 a polynomial of degree 8 inline (Chebyshev
  * interpolation on [−1.05, 1.05]; relative error below 3.1e-7 there, evaluated in float32,
  * against 1.9e-7 for expf rounded to float32), which the compiler vectorises without a call:
@@ -279,9 +278,9 @@ static void NAME(controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t 
         for (int64_t k = 0; k < 2 * H; k++) a[k] = NAME(sigmoid)(a[k]);
         for (int64_t k = 2 * H; k < 3 * H; k++) a[k] = NAME(tanh_)(a[k]);
         for (int64_t k = 3 * H; k < 4 * H; k++) a[k] = NAME(sigmoid)(a[k]);
+        REAL *h = p->z + ((t + 1) * B + b) * Z + p->heads * p->width;
         NAME(cell_update)(a, p->cells + (t * B + b) * H, p->cells + ((t + 1) * B + b) * H,
-                          p->tanh_c + (t * B + b) * H, p->z + ((t + 1) * B + b) * Z + p->heads * p->width,
-                          H);
+                          p->tanh_c + (t * B + b) * H, h, H);
     }
 }
 
@@ -490,7 +489,8 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
 #define PAIR_SUMS(G) SUMS(2, G)
 #define BLOCK_SUMS(G) SUMS(1, G)
             int64_t i = 0;
-            for (; i + 2 * LANES <= vectors_end; i += 2 * LANES) WITH_LITERAL_HEADS(heads, PAIR_SUMS)
+            for (; i + 2 * LANES <= vectors_end; i += 2 * LANES)
+                WITH_LITERAL_HEADS(heads, PAIR_SUMS)
             if (i < vectors_end) WITH_LITERAL_HEADS(heads, BLOCK_SUMS) /* an odd one out */
 #undef SUMS
 #undef PAIR_SUMS
