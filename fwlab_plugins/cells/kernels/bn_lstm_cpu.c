@@ -50,7 +50,6 @@ typedef struct {
     REAL *grad_gamma_c, *grad_beta_c; /* (H), summed over steps */
 } NAME(BNLSTMBuffers);
 
-
 /* Batch statistics of x (B, F) into mean and ρ, the running averages of the row updated
  * (the variance unbiased there, as F.batch_norm); in evaluation ρ of the population's. */
 static void NAME(statistics)(const NAME(BNLSTMBuffers) *p, const REAL *x, int64_t features,

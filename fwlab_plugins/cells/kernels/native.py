@@ -93,11 +93,12 @@ _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def _source_text(source: Path) -> str:
-    """The text of ``source`` and of the files it includes with quotes from beside it, in
-    order: what a build depends on, so an edit to any of them makes a new library. (A quoted
-    name not found there is left to the compiler, which says so if it is nowhere.)"""
+    """The text of ``source`` and of the files it includes with quotes from beside it (or by a
+    path, relative to it or absolute), in order: what a build depends on, so an edit to any of
+    them makes a new library. (A quoted name not found there is left to the compiler, which says
+    so if it is nowhere.)"""
     text = source.read_text()
-    beside = [source.parent / name for name in _LOCAL_INCLUDE.findall(text)]  # or a path
+    beside = [source.parent / name for name in _LOCAL_INCLUDE.findall(text)]
     return "\0".join([text, *[_source_text(path) for path in beside if path.is_file()]])
 
 
