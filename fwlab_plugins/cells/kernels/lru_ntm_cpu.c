@@ -271,6 +271,24 @@ static void NAME(cell_update)(const REAL *restrict gates, const REAL *restrict c
     }
 }
 
+/* cell_update's backward: from δh (`grad_h`) and the carried δc (`grad_c`, replaced by δc of
+ * c_before), the pre-activations' δ (`grad_gates`, 4H) through the activated gates [i, f, g, o]
+ * (`gates`) and tanh(c) (`tanh_c`). restrict, as in cell_update, so that the loop vectorises. */
+static void NAME(cell_backward)(const REAL *restrict gates, const REAL *restrict c_before,
+                                const REAL *restrict tanh_c, const REAL *restrict grad_h,
+                                REAL *restrict grad_c, REAL *restrict grad_gates, int64_t H) {
+    for (int64_t k = 0; k < H; k++) {
+        const REAL i = gates[k], f = gates[H + k], cand = gates[2 * H + k], o = gates[3 * H + k];
+        const REAL tc = tanh_c[k];
+        const REAL dc = grad_c[k] + grad_h[k] * o * ((REAL)1 - tc * tc);
+        grad_gates[k] = dc * cand * i * ((REAL)1 - i);
+        grad_gates[H + k] = dc * c_before[k] * f * ((REAL)1 - f);
+        grad_gates[2 * H + k] = dc * i * ((REAL)1 - cand * cand);
+        grad_gates[3 * H + k] = grad_h[k] * tc * o * ((REAL)1 - o);
+        grad_c[k] = dc * f;
+    }
+}
+
 /* nn.LSTMCell's update from the pre-activations (gates ordered i, f, g, o). */
 static void NAME(controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
@@ -601,19 +619,10 @@ static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t
     const int64_t B = p->batch, H = p->hidden, Z = p->heads * p->width + H;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
-        const REAL *a = p->gates + (t * B + b) * 4 * H;
-        const REAL *c_before = p->cells + (t * B + b) * H, *tc = p->tanh_c + (t * B + b) * H;
-        const REAL *grad_h = p->grad_z + ((t + 1) * B + b) * Z + p->heads * p->width;
-        REAL *grad_c = p->grad_c + b * H, *g = p->grad_gates + (t * B + b) * 4 * H;
-        for (int64_t k = 0; k < H; k++) {
-            const REAL i = a[k], f = a[H + k], cand = a[2 * H + k], o = a[3 * H + k];
-            const REAL dc = grad_c[k] + grad_h[k] * o * ((REAL)1 - tc[k] * tc[k]);
-            g[k] = dc * cand * i * ((REAL)1 - i);
-            g[H + k] = dc * c_before[k] * f * ((REAL)1 - f);
-            g[2 * H + k] = dc * i * ((REAL)1 - cand * cand);
-            g[3 * H + k] = grad_h[k] * tc[k] * o * ((REAL)1 - o);
-            grad_c[k] = dc * f;
-        }
+        const int64_t tb = t * B + b;
+        NAME(cell_backward)(p->gates + tb * 4 * H, p->cells + tb * H, p->tanh_c + tb * H,
+                            p->grad_z + (tb + B) * Z + p->heads * p->width, p->grad_c + b * H,
+                            p->grad_gates + tb * 4 * H, H);
     }
 }
 
