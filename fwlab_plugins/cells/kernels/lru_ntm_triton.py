@@ -205,12 +205,13 @@ def _forward_kernel(
         # the R least-used slots of w^u_{t-1}, least first, ties to the lower slot
         remaining = tl.where(n_mask, used, float("inf"))
         least = tl.zeros([BLOCK_N], dtype=M.dtype)
+        first = tl.full([], 0, tl.int32)  # the least used, to be cleared: the first head's slot
         for h in range(heads):
             slot = tl.argmin(remaining, axis=0, tie_break_left=True)
             tl.store(least_used + row * heads + h, slot.to(tl.int64))
             least = tl.where(n == slot, 1.0, least)
             remaining = tl.where(n == slot, float("inf"), remaining)
-        first = tl.argmin(tl.where(n_mask, used, float("inf")), axis=0, tie_break_left=True)
+            first = tl.where(h == 0, slot, first)
         # w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu_{t-1}
         write = mix[:, None] * read_before + (1.0 - mix[:, None]) * least[None, :]
         write = tl.where(rn_mask, write, 0.0)
