@@ -97,6 +97,42 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
     return sum;
 }
 
+static inline REAL NAME(lane_sum)(NAME(vec) v) {
+    REAL sum = 0;
+    for (int64_t l = 0; l < LANES; l++) sum += v[l];
+    return sum;
+}
+
+/* The memory step's short loops over the N slots (a dozen per step and sequence, 128 elements
+ * each) are written out by vectors, then a scalar tail: left to the compiler, each came with
+ * run-time checks of its arrays' overlaps and a peeled epilogue that cost more than its work
+ * (the forward pass's usage update took 410 ticks per sequence-step, 170 written out). */
+
+/* out = factor · in over n elements */
+static inline void NAME(scale)(REAL *out, const REAL *in, REAL factor, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) NAME(store)(out + i, factor * NAME(load)(in + i));
+    for (; i < n; i++) out[i] = factor * in[i];
+}
+
+/* Σ a·b over n elements, and out = factor · a in the same pass */
+static inline REAL NAME(dot_and_scale)(const REAL *a, const REAL *b, REAL *out, REAL factor,
+                                        int64_t n) {
+    NAME(vec) sums = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const NAME(vec) x = NAME(load)(a + i);
+        sums += x * NAME(load)(b + i);
+        NAME(store)(out + i, factor * x);
+    }
+    REAL sum = NAME(lane_sum)(sums);
+    for (; i < n; i++) {
+        sum += a[i] * b[i];
+        out[i] = factor * a[i];
+    }
+    return sum;
+}
+
 /* The memory passes' hot loops run on blocks of LANES slots, one 32-byte vector each (NAME(vec),
  * vectors.h), doing all heads' work on a block while it is in a register instead of one pass
  * over the memory per head; the slots after the last whole block (none at N = 128) go through
@@ -112,12 +148,6 @@ static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
     case 3: CALL(3); break;                                                                       \
     default: CALL(4);                                                                             \
     }
-
-static inline REAL NAME(lane_sum)(NAME(vec) v) {
-    REAL sum = 0;
-    for (int64_t l = 0; l < LANES; l++) sum += v[l];
-    return sum;
-}
 
 /* The write M(i) += Σ_g w^w_g(i) k_g, ‖M(i)‖² and k_g·M(i) for the block of slots at `memory`
  * (slot-minor rows N apart), for the G heads (a literal) whose keys are `keys` (W apart) and
@@ -343,7 +373,7 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         NAME(least_used_slots)(usage, N, R, least);
         /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu_{t-1} */
         for (int64_t r = 0; r < R; r++) {
-            for (int64_t i = 0; i < N; i++) write[r * N + i] = mix[r] * read_before[r * N + i];
+            NAME(scale)(write + r * N, read_before + r * N, mix[r], N);
             for (int64_t n = 0; n < R; n++) write[r * N + least[n]] += (REAL)1 - mix[r];
         }
         for (int64_t j = 0; j < W; j++) { /* the least-used slot is cleared */
@@ -411,11 +441,19 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
                     for (int64_t i = blocks_end; i < N; i++)
                         reads[r * W + j + k] += read[r * N + i] * row[k * N + i];
         }
-        /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t, head by head over all slots (loops
-         * the compiler vectorises) */
-        for (int64_t i = 0; i < N; i++) usage_after[i] = gamma * usage[i];
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t i = 0; i < N; i++) usage_after[i] += read[r * N + i] + write[r * N + i];
+        /* w^u_t = γ w^u_{t-1} + Σ_r w^r_t + Σ_r w^w_t */
+        const int64_t vectors_end = N - N % LANES;
+        for (int64_t i = 0; i < vectors_end; i += LANES) {
+            NAME(vec) sum = gamma * NAME(load)(usage + i);
+            for (int64_t r = 0; r < R; r++)
+                sum += NAME(load)(read + r * N + i) + NAME(load)(write + r * N + i);
+            NAME(store)(usage_after + i, sum);
+        }
+        for (int64_t i = vectors_end; i < N; i++) {
+            REAL sum = gamma * usage[i];
+            for (int64_t r = 0; r < R; r++) sum += read[r * N + i] + write[r * N + i];
+            usage_after[i] = sum;
+        }
     }
 }
 
@@ -490,15 +528,22 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
             for (int64_t i = 0; i < N; i++) row[i] = slot_norms[i] == 0 ? (REAL)0 : row[i];
         }
         /* usage: δw^r += δw^u, δw^w = δw^u */
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t i = 0; i < N; i++) {
+        const int64_t vectors_end = N - N % LANES;
+        for (int64_t i = 0; i < vectors_end; i += LANES) {
+            const NAME(vec) grad = NAME(load)(grad_usage + i);
+            for (int64_t r = 0; r < R; r++) {
+                NAME(store)(grad_write + r * N + i, grad);
+                NAME(store)(grad_read + r * N + i, NAME(load)(grad_read + r * N + i) + grad);
+            }
+        }
+        for (int64_t i = vectors_end; i < N; i++)
+            for (int64_t r = 0; r < R; r++) {
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
             }
         /* down each slot's features: δw^r_r(i) += δr_r·M(i), δw^w_r(i) += k_r·δM(i); by blocks of
          * slots, up to REGISTER_HEADS heads at a time (each head's sums are its own), then slot
          * by slot */
-        const int64_t vectors_end = N - N % LANES;
         for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
             const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
 #define SUMS(BLOCKS, G)                                                                           \
@@ -600,13 +645,18 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         }
         /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu: δσ(α), and δw^r_{t-1} replaces δw^r_t */
         for (int64_t r = 0; r < R; r++) {
-            REAL sum = NAME(dot)(grad_write + r * N, read_before + r * N, N);
+            REAL sum = NAME(dot_and_scale)(grad_write + r * N, read_before + r * N,
+                                           grad_read + r * N, mix[r], N);
             for (int64_t n = 0; n < R; n++) sum -= grad_write[r * N + least[n]];
             grad_mix[r] = sum;
-            for (int64_t i = 0; i < N; i++) grad_read[r * N + i] = mix[r] * grad_write[r * N + i];
         }
-        for (int64_t i = 0; i < N; i++) grad_usage[i] *= gamma;
-        for (int64_t j = 0; j < R * W; j++)
+        NAME(scale)(grad_usage, grad_usage, gamma, N);
+        const int64_t keys_end = R * W - R * W % LANES;
+        for (int64_t j = 0; j < keys_end; j += LANES) {
+            const NAME(vec) key = NAME(load)(keys + j);
+            NAME(store)(grad_head + j, NAME(load)(grad_keys + j) * ((REAL)1 - key * key));
+        }
+        for (int64_t j = keys_end; j < R * W; j++)
             grad_head[j] = grad_keys[j] * ((REAL)1 - keys[j] * keys[j]);
         for (int64_t r = 0; r < R; r++)
             grad_head[R * W + r] = grad_mix[r] * mix[r] * ((REAL)1 - mix[r]);
