@@ -106,7 +106,7 @@ static inline REAL NAME(lane_sum)(NAME(vec) v) {
 /* The memory step's short loops over the N slots (a dozen per step and sequence, 128 elements
  * each) are written out by vectors, then a scalar tail: left to the compiler, each came with
  * run-time checks of its arrays' overlaps and a peeled epilogue that cost more than its work
- * (the forward pass's usage update took 410 ticks per sequence-step, 170 written out). */
+ * (the forward pass's usage update took ~415 ticks per sequence-step, ~185 written out). */
 
 /* out = factor · in over n elements */
 static inline void NAME(scale)(REAL *out, const REAL *in, REAL factor, int64_t n) {
