@@ -103,10 +103,12 @@ static inline REAL NAME(lane_sum)(NAME(vec) v) {
     return sum;
 }
 
-/* The memory step's short loops over the N slots (a dozen per step and sequence, 128 elements
- * each) are written out by vectors, then a scalar tail: left to the compiler, each came with
- * run-time checks of its arrays' overlaps and a peeled epilogue that cost more than its work
- * (the forward pass's usage update took ~415 ticks per sequence-step, ~185 written out). */
+/* Some of the memory step's short loops over the N slots (128 elements each) are written out by
+ * vectors, then a scalar tail: the usage update and its backward, the write weights, δσ(α) and
+ * the keys' tanh backward. Left to the compiler each came with run-time checks of its arrays'
+ * overlaps and a peeled epilogue that cost more than its work (the forward pass's usage update
+ * took ~415 ticks per sequence-step, ~185 written out). The softmax and the cosine backward,
+ * written out the same way, measured no faster, and stay the compiler's. */
 
 /* out = factor · in over n elements */
 static inline void NAME(scale)(REAL *out, const REAL *in, REAL factor, int64_t n) {
