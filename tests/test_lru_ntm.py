@@ -262,6 +262,29 @@ def test_c_kernel_matches_the_reference_in_outputs_state_and_gradients(start):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-9)
 
 
+@C_KERNEL
+@pytest.mark.parametrize("steps", [1, 4])
+def test_c_kernel_from_no_state_matches_the_reference(steps):
+    """Called without a state the cell starts from its fresh one, whose h_0 and r_0 are zeros:
+    the kernel skips the first step's recurrent product and its share of δW_rec, and (the
+    state being no input) the last δz_0. Outputs, final state and the gradients of x and the
+    weights against the reference, from one step (δW_rec has no terms) and from four."""
+    reference = make(kernel="torch")
+    fused = LRUNTMCell(2, dataclasses.replace(reference.config, kernel="c")).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, steps, 2, dtype=torch.float64)
+    results = []
+    for cell in (reference, fused):
+        inputs = x.clone().requires_grad_()
+        outputs, final = cell(inputs)
+        loss = (outputs * torch.linspace(-1, 1, outputs.shape[-1], dtype=x.dtype)).pow(2).sum()
+        loss = loss + final.memory.pow(2).sum() + final.h.sum()
+        results.append([outputs, *final, *torch.autograd.grad(loss, [inputs, *cell.parameters()])])
+    assert made_by(results[1][0], "LRUNTMSequenceC")
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def assert_c_kernel_matches_the_reference(config: LRUNTMConfig, batch: int, dtype: torch.dtype):
     """The C node against the reference, from the same weights and a state mid-episode: outputs,
     final state and the gradients of x, the state and the weights (float64 to 1e-9, float32 to

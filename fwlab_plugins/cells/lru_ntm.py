@@ -113,6 +113,7 @@ class LRUNTMCell(Cell):
     def forward(
         self, x: torch.Tensor, state: LRUNTMState | None = None
     ) -> tuple[torch.Tensor, LRUNTMState]:
+        zero_start = state is None  # the fresh state's zeros, which the node may skip
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         dtype = self.controller.weight_hh.dtype
@@ -126,6 +127,7 @@ class LRUNTMCell(Cell):
                 *self._step_weights(),
                 *state,
                 self.config.usage_decay,
+                zero_start,
             )
             return outputs, LRUNTMState(*final)
         input_part, products = self._input_part(x), self._step_products()

@@ -39,6 +39,8 @@
 typedef struct {
     int64_t batch, hidden, heads, slots, width;
     int64_t threads;    /* the most threads a pass may use */
+    int64_t zero_start; /* 1: z_0 = [r_0, h_0] is 0, so the first step's z_0 W_recᵀ is skipped */
+    int64_t start_gradient; /* 1: δz_0 is wanted, the backward pass's last product */
     double usage_decay; /* γ */
     /* the driver's inputs: u = W_x x + b (T, B, 4H), W_rec (4H, Z), W_head (E, H), b_head (E) */
     const REAL *input_part, *recurrent_weights, *head_weights, *head_bias;
@@ -680,10 +682,11 @@ static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t
 
 /* The forward pass over `steps` steps: per step t,
  *     gates_t = u_t + z_t W_recᵀ,  the controller step (h_{t+1} into z_{t+1}),
- *     head_t = b_head + h_{t+1} W_headᵀ,  the memory step (r_t into z_{t+1}).
- * One parallel region for the whole loop; a barrier wherever a part reads what the part before
- * wrote on another thread (a step's worksharing loop ends in one). Returns 0, or −1 if the
- * packed weights cannot be allocated (and then computes nothing). */
+ *     head_t = b_head + h_{t+1} W_headᵀ,  the memory step (r_t into z_{t+1})
+ * (gates_0 = u_0 from a zero start). One parallel region for the whole loop; a barrier wherever
+ * a part reads what the part before wrote on another thread (a step's worksharing loop ends in
+ * one). Returns 0, or −1 if the packed weights cannot be allocated (and then computes nothing).
+ */
 int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
     const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
@@ -696,7 +699,8 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
         NAME(pack_panels)(p->recurrent_weights, Z, G, 1, Z, recurrent); /* W_recᵀ */
         NAME(pack_panels)(p->head_weights, H, E, 1, H, head);           /* W_headᵀ */
         for (int64_t t = 0; t < steps; t++) {
-            NAME(product)(p->z + t * B * Z, Z, B, Z, recurrent, G, p->gates + t * B * G, G,
+            const int64_t depth = t == 0 && p->zero_start ? 0 : Z; /* 0: gates_0 = u_0 */
+            NAME(product)(p->z + t * B * Z, Z, B, depth, recurrent, G, p->gates + t * B * G, G,
                           p->input_part + t * B * G, G);
 #pragma omp barrier
             NAME(controller_forward_step)(p, t);
@@ -714,8 +718,8 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
  * the carried gradients: per step t in reverse, the memory step's backward (δ[k̃, α]_t),
  *     δh_{t+1} += δ[k̃, α]_t W_head,  the controller step's backward (δgates_t),
  *     δz_t += δgates_t W_rec
- * (δz_t = δ[r_{t−1}, h_{t−1}]). Returns 0, or −1 if the packed weights and the threads' scratch
- * cannot be allocated. */
+ * (δz_t = δ[r_{t−1}, h_{t−1}]; δz_0 only where start_gradient asks for it). Returns 0, or −1
+ * if the packed weights and the threads' scratch cannot be allocated. */
 int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
     const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
@@ -735,7 +739,9 @@ int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
 #pragma omp barrier
             NAME(controller_backward_step)(p, t);
             REAL *grad_z = p->grad_z + t * B * Z;
-            NAME(product)(p->grad_gates + t * B * G, G, B, G, recurrent, Z, grad_z, Z, grad_z, Z);
+            if (t > 0 || p->start_gradient)
+                NAME(product)(p->grad_gates + t * B * G, G, B, G, recurrent, Z, grad_z, Z, grad_z,
+                              Z);
 #pragma omp barrier
         }
     }

@@ -34,6 +34,11 @@ class Settings(NamedTuple):
     slots: int
     width: int
     threads: int  # the most threads a C pass may use (torch's intra-op threads)
+    # 1: h_0 and r_0 are zeros (the cell's fresh state), so z_0 W_recᵀ = 0 and a pass may skip
+    # the first step's recurrent product and its share of δW_rec
+    zero_start: int
+    # 1: δh_0 and δr_0 are wanted (by the backward pass: the last step's δz_0 = δgates_0 W_rec)
+    start_gradient: int
     usage_decay: float  # γ
 
 
@@ -73,12 +78,13 @@ def forward(
     usage0: torch.Tensor,
     reads0: torch.Tensor,
     usage_decay: float,
+    zero_start: bool,
 ) -> tuple[torch.Tensor, ...]:
     """The node's forward: ``(u (T,B,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0,
-    c_0, M_0, w^r_0, w^u_0, r_0, γ) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T, w^u_T,
-    r_T)``, the state as :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it. ``u``
-    comes time-major, as the steps read it (a contiguous slice per step), and so does its
-    gradient."""
+    c_0, M_0, w^r_0, w^u_0, r_0, γ, zero_start) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T,
+    w^u_T, r_T)``, the state as :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it.
+    ``u`` comes time-major, as the steps read it (a contiguous slice per step), and so does its
+    gradient. ``zero_start``: the caller vouches that h_0 and r_0 are zeros."""
     steps, batch, four_hidden = input_part.shape
     hidden = four_hidden // 4
     _, heads, slots = read_weights0.shape
@@ -111,7 +117,10 @@ def forward(
     z[0, :, reads_size:] = h0
     tensors["read_weights"][0] = read_weights0
     tensors["usage"][0] = usage0
-    settings = Settings(batch, hidden, heads, slots, width, torch.get_num_threads(), usage_decay)
+    threads = torch.get_num_threads()
+    settings = Settings(
+        batch, hidden, heads, slots, width, threads, int(zero_start), 0, usage_decay
+    )
     passes.forward(settings, tensors, steps)
     # saved for backward (where a saved-tensors hook may move them: the backward pass takes
     # their addresses afresh)
@@ -147,7 +156,9 @@ def backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """The node's backward: the gradients of :func:`forward`'s tensor inputs, in order."""
     tensors = dict(zip(ctx.names, ctx.saved_tensors))
-    settings = ctx.settings
+    h0_index, reads0_index = 4, 9  # of forward's inputs
+    start_gradient = ctx.needs_input_grad[h0_index] or ctx.needs_input_grad[reads0_index]
+    settings = ctx.settings._replace(start_gradient=int(start_gradient))
     batch, hidden, heads, slots, width = settings[:5]
     steps = tensors["gates"].shape[0]
     reads_size = heads * width
@@ -184,9 +195,11 @@ def backward(
     passes.backward(settings, tensors | grads, steps)
     grad_gates, grad_head = grads["grad_gates"], grads["grad_head"]
     z = tensors["z"]
-    flat_gates = grad_gates.view(steps * batch, 4 * hidden)
+    first = settings.zero_start  # z_0 = 0 adds nothing to δW_rec = Σ_t δgates_tᵀ z_t
+    flat_gates = grad_gates[first:].view((steps - first) * batch, 4 * hidden)
+    flat_z = z[first:steps].reshape((steps - first) * batch, reads_size + hidden)
     # (zᵀ δgates)ᵀ rather than δgatesᵀ z, the same product: ~15% faster through MKL here
-    grad_recurrent = (z[:steps].reshape(steps * batch, -1).T @ flat_gates).T
+    grad_recurrent = (flat_z.T @ flat_gates).T
     hs = z[1:, :, reads_size:].reshape(steps * batch, hidden)
     flat_head = grad_head.view(steps * batch, -1)
     grad_head_weights, grad_head_bias = flat_head.T @ hs, flat_head.sum(0)
@@ -195,12 +208,13 @@ def backward(
         grad_recurrent,
         grad_head_weights,
         grad_head_bias,
-        grad_z[0, :, reads_size:],
+        grad_z[0, :, reads_size:] if start_gradient else None,
         grads["grad_c"],
         grads["grad_memory"].transpose(1, 2),
         grads["grad_read_weights"],
         grads["grad_usage"],
-        grad_z[0, :, :reads_size].reshape(batch, heads, width),
+        grad_z[0, :, :reads_size].reshape(batch, heads, width) if start_gradient else None,
+        None,
         None,
     )
 
