@@ -16,8 +16,8 @@ meta-learning. Keys pass through tanh (as in public implementations), bounding w
 α_t comes from the controller (a learned linear map of h_t, one scalar per head).
 
 The controller is ``nn.LSTMCell``'s parameters with its equations written out: the input part of
-the gates, W_x x_t + b, is one product over all steps, and the per-step products (of [r_{t-1},
-h_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
+the gates, W_x x_t + b, is one product over all steps, and the per-step products (of [h_{t-1},
+r_{t-1}] and of h_t for the keys and gates) are :class:`fwlab.stepwise_linear.StepwiseLinear`,
 whose weight gradients are one product over all steps too.
 
 The whole sequence can run as one autograd node (:mod:`.kernels.lru_ntm_node`) whose time loop,
@@ -177,16 +177,16 @@ class LRUNTMCell(Cell):
         return F.linear(x, weight, controller.bias_ih + controller.bias_hh)
 
     def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The weights of the per-step products: [r_{t-1}, h_{t-1}] -> gates (W_rec), and
+        """The weights of the per-step products: [h_{t-1}, r_{t-1}] -> gates (W_rec), and
         h_t -> (k̃, α) (W_head, b_head)."""
         controller = self.controller
-        recurrent = torch.cat([controller.weight_ih[:, self.input_size :], controller.weight_hh], 1)
+        recurrent = torch.cat([controller.weight_hh, controller.weight_ih[:, self.input_size :]], 1)
         heads = torch.cat([self.key_layer.weight, self.gate_layer.weight])
         head_bias = torch.cat([self.key_layer.bias, self.gate_layer.bias])
         return recurrent, heads, head_bias
 
     def _step_products(self) -> tuple[StepwiseLinear, StepwiseLinear]:
-        """The per-step linear maps of one pass: [r_{t-1}, h_{t-1}] -> gates, h_t -> (k̃, α)."""
+        """The per-step linear maps of one pass: [h_{t-1}, r_{t-1}] -> gates, h_t -> (k̃, α)."""
         recurrent, heads, head_bias = self._step_weights()
         return StepwiseLinear(recurrent), StepwiseLinear(heads, head_bias)
 
@@ -200,7 +200,7 @@ class LRUNTMCell(Cell):
         batch, heads, width = input_part.shape[0], config.read_heads, config.memory_width
         recurrent, head_layer = products
         # the controller: nn.LSTMCell on [x_t, r_{t-1}], gates in PyTorch's order (i, f, g, o)
-        gates = input_part + recurrent(torch.cat([state.reads.flatten(1), state.h], dim=-1))
+        gates = input_part + recurrent(torch.cat([state.h, state.reads.flatten(1)], dim=-1))
         input_gate, forget, candidate, output_gate = gates.chunk(4, dim=1)
         c = torch.sigmoid(forget) * state.c + torch.sigmoid(input_gate) * torch.tanh(candidate)
         h = torch.sigmoid(output_gate) * torch.tanh(c)

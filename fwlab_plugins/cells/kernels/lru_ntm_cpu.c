@@ -17,8 +17,8 @@
  * memory's size per step (about 1e-7 relative in float32), in the memory the backward pass
  * differentiates at, not in the forward pass's outputs.
  *
- * Sizes: B batch, H controller units, R heads, N slots, W width; Z = R·W + H is the controller's
- * recurrent input [r_{t-1}, h_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
+ * Sizes: B batch, H controller units, R heads, N slots, W width; Z = H + R·W is the controller's
+ * recurrent input [h_{t-1}, r_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
  * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
  * The file is compiled once per dtype: REAL is float or double, NAME(x) suffixes the symbol.
  *
@@ -39,7 +39,7 @@
 typedef struct {
     int64_t batch, hidden, heads, slots, width;
     int64_t threads;    /* the most threads a pass may use */
-    int64_t zero_start; /* 1: z_0 = [r_0, h_0] is 0, so the first step's z_0 W_recᵀ is skipped */
+    int64_t zero_start; /* 1: z_0 = [h_0, r_0] is 0, so the first step's z_0 W_recᵀ is skipped */
     int64_t start_gradient; /* 1: δz_0 is wanted, the backward pass's last product */
     double usage_decay; /* γ */
     /* the driver's inputs: u = W_x x + b (T, B, 4H), W_rec (4H, Z), W_head (E, H), b_head (E) */
@@ -47,7 +47,7 @@ typedef struct {
     REAL *gates;        /* (T, B, 4H): u_t + W_rec z_t, then σ(i), σ(f), tanh(g), σ(o) */
     REAL *cells;        /* c, (T+1, B, H) */
     REAL *tanh_c;       /* tanh(c_t), (T, B, H) */
-    REAL *z;            /* [r_t, h_t], (T+1, B, Z) */
+    REAL *z;            /* [h_t, r_t], (T+1, B, Z): from index 1 the node's outputs, as they are */
     REAL *head;         /* (T, B, E): [k̃, α] = W_head h_t + b_head, then [k = tanh k̃, σ(α)] */
     REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
     REAL *cleared;      /* the cleared slot's M_{t-1}(i), (T, B, W) */
@@ -59,7 +59,7 @@ typedef struct {
     REAL *scores;       /* k_r·M_{t+1}(i), (T, B, R, N): the cosines' numerators */
     int64_t *least_used;/* the R least-used slots of w^u_t, least first, (T, B, R) */
     /* backward: carried gradients of the state after the step being undone */
-    REAL *grad_z;       /* δ[r_t, h_t], (T+1, B, Z): the outputs' on entry, products' added */
+    REAL *grad_z;       /* δ[h_t, r_t], (T+1, B, Z): the outputs' on entry, products' added */
     REAL *grad_c;       /* δc, (B, H) */
     REAL *grad_memory;  /* δM, (B, W, N) */
     REAL *grad_read_weights; /* δw^r, (B, R, N) */
@@ -332,7 +332,7 @@ static void NAME(controller_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t 
         for (int64_t k = 0; k < 2 * H; k++) a[k] = NAME(sigmoid)(a[k]);
         for (int64_t k = 2 * H; k < 3 * H; k++) a[k] = NAME(tanh_)(a[k]);
         for (int64_t k = 3 * H; k < 4 * H; k++) a[k] = NAME(sigmoid)(a[k]);
-        REAL *h = p->z + ((t + 1) * B + b) * Z + p->heads * p->width;
+        REAL *h = p->z + ((t + 1) * B + b) * Z;
         NAME(cell_update)(a, p->cells + (t * B + b) * H, p->cells + ((t + 1) * B + b) * H,
                           p->tanh_c + (t * B + b) * H, h, H);
     }
@@ -365,7 +365,7 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
         REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
         const REAL *usage = p->usage + tb * N, *read_before = p->read_weights + tb * R * N;
-        REAL *memory = p->memory + b * W * N, *reads = p->z + next * Z;
+        REAL *memory = p->memory + b * W * N, *reads = p->z + next * Z + p->hidden;
         REAL *cleared = p->cleared + tb * W;
         REAL *write = p->write_weights + tb * R * N, *read = p->read_weights + next * R * N;
         REAL *usage_after = p->usage + next * N;
@@ -519,7 +519,7 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         const REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
         const REAL *dots = p->scores + tb * R * N;
         const int64_t *least = p->least_used + tb * R;
-        const REAL *grad_reads = p->grad_z + next * Z;
+        const REAL *grad_reads = p->grad_z + next * Z + p->hidden;
         REAL *grad_memory = p->grad_memory + b * W * N;
         REAL *grad_read = p->grad_read_weights + b * R * N, *grad_usage = p->grad_usage + b * N;
         REAL *grad_head = p->grad_head + tb * E;
@@ -675,7 +675,7 @@ static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t
     for (int64_t b = 0; b < B; b++) {
         const int64_t tb = t * B + b;
         NAME(cell_backward)(p->gates + tb * 4 * H, p->cells + tb * H, p->tanh_c + tb * H,
-                            p->grad_z + (tb + B) * Z + p->heads * p->width, p->grad_c + b * H,
+                            p->grad_z + (tb + B) * Z, p->grad_c + b * H,
                             p->grad_gates + tb * 4 * H, H);
     }
 }
@@ -704,7 +704,7 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
                           p->input_part + t * B * G, G);
 #pragma omp barrier
             NAME(controller_forward_step)(p, t);
-            NAME(product)(p->z + (t + 1) * B * Z + RW, Z, B, H, head, E, p->head + t * B * E, E,
+            NAME(product)(p->z + (t + 1) * B * Z, Z, B, H, head, E, p->head + t * B * E, E,
                           p->head_bias, 0);
 #pragma omp barrier
             NAME(memory_forward_step)(p, t);
@@ -718,7 +718,7 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
  * the carried gradients: per step t in reverse, the memory step's backward (δ[k̃, α]_t),
  *     δh_{t+1} += δ[k̃, α]_t W_head,  the controller step's backward (δgates_t),
  *     δz_t += δgates_t W_rec
- * (δz_t = δ[r_{t−1}, h_{t−1}]; δz_0 only where start_gradient asks for it). Returns 0, or −1
+ * (δz_t = δ[h_{t−1}, r_{t−1}]; δz_0 only where start_gradient asks for it). Returns 0, or −1
  * if the packed weights and the threads' scratch cannot be allocated. */
 int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
@@ -734,7 +734,7 @@ int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
         NAME(pack_panels)(p->head_weights, E, H, H, 1, head);           /* W_head */
         for (int64_t t = steps - 1; t >= 0; t--) {
             NAME(memory_backward_step)(p, t, scratch);
-            REAL *grad_h = p->grad_z + (t + 1) * B * Z + RW;
+            REAL *grad_h = p->grad_z + (t + 1) * B * Z;
             NAME(product)(p->grad_head + t * B * E, E, B, E, head, H, grad_h, Z, grad_h, Z);
 #pragma omp barrier
             NAME(controller_backward_step)(p, t);

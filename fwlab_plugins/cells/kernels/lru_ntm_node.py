@@ -7,7 +7,7 @@ It computes what :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMCell`'s step-by-step
 lru_addressing`), which stays the reference. The input part u_t = W_x x_t + b comes in for all
 steps (one product, torch's); per step a kernel runs the two small products
 
-    gates_t = u_t + [r_{t-1}, h_{t-1}] W_recᵀ
+    gates_t = u_t + [h_{t-1}, r_{t-1}] W_recᵀ
     [k̃_t, α_t] = h_t W_headᵀ + b_head
 
 the LSTM update, the LRU write, the content reads and the usage. Its backward pass runs the
@@ -80,7 +80,7 @@ def forward(
     usage_decay: float,
     zero_start: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """The node's forward: ``(u (T,B,4H), W_rec (4H, R·W+H), W_head (R·W+R, H), b_head, h_0,
+    """The node's forward: ``(u (T,B,4H), W_rec (4H, H+R·W), W_head (R·W+R, H), b_head, h_0,
     c_0, M_0, w^r_0, w^u_0, r_0, γ, zero_start) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T,
     w^u_T, r_T)``, the state as :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it.
     ``u`` comes time-major, as the steps read it (a contiguous slice per step), and so does its
@@ -99,7 +99,7 @@ def forward(
         "gates": new(steps, batch, four_hidden),
         "cells": new(steps + 1, batch, hidden),
         "tanh_c": new(steps, batch, hidden),
-        "z": new(steps + 1, batch, reads_size + hidden),
+        "z": new(steps + 1, batch, hidden + reads_size),  # [h_t, r_t]: from t = 1 the outputs
         "head": new(steps, batch, reads_size + heads),
         "memory": slot_minor(memory0),  # updated in place
         "cleared": new(steps, batch, width),
@@ -113,8 +113,8 @@ def forward(
     }
     z = tensors["z"]
     tensors["cells"][0] = c0
-    z[0, :, :reads_size] = reads0.flatten(1)
-    z[0, :, reads_size:] = h0
+    z[0, :, :hidden] = h0
+    z[0, :, hidden:] = reads0.flatten(1)
     tensors["read_weights"][0] = read_weights0
     tensors["usage"][0] = usage0
     threads = torch.get_num_threads()
@@ -130,16 +130,14 @@ def forward(
     # an output the loss does not use (in training, the whole final state) gets None in the
     # backward pass, not a tensor of zeros, and then costs no copy there
     ctx.set_materialize_grads(False)
-    hs, reads = z[1:, :, reads_size:], z[1:, :, :reads_size]
-    outputs = torch.cat([hs, reads], dim=-1).transpose(0, 1)  # (B, T, H + R·W)
     return (
-        outputs,
-        z[steps, :, reads_size:].clone(),
+        z[1:].transpose(0, 1),  # the outputs [h_t, r_t], (B, T, H + R·W): a view, not a copy
+        z[steps, :, :hidden].clone(),
         tensors["cells"][steps].clone(),
         tensors["memory"].transpose(1, 2),  # a view: M_T as (B, N, W), not a copy
         tensors["read_weights"][steps].clone(),
         tensors["usage"][steps].clone(),
-        z[steps, :, :reads_size].reshape(batch, heads, width).clone(),
+        z[steps, :, hidden:].reshape(batch, heads, width).clone(),
     )
 
 
@@ -162,16 +160,17 @@ def backward(
     batch, hidden, heads, slots, width = settings[:5]
     steps = tensors["gates"].shape[0]
     reads_size = heads * width
-    # δ[r_t, h_t] for t = 0..T: the outputs' (and the final state's), the products' added
-    grad_z = tensors["z"].new_zeros(steps + 1, batch, reads_size + hidden)
-    if grad_outputs is not None:
-        grad_outputs = grad_outputs.transpose(0, 1)
-        grad_z[1:, :, :reads_size] = grad_outputs[..., hidden:]
-        grad_z[1:, :, reads_size:] = grad_outputs[..., :hidden]
-    if grad_reads is not None:
-        grad_z[steps, :, :reads_size] += grad_reads.flatten(1)
+    # δ[h_t, r_t] for t = 0..T: the outputs' (and the final state's), the products' added
+    if grad_outputs is None:
+        grad_z = tensors["z"].new_zeros(steps + 1, batch, hidden + reads_size)
+    else:
+        grad_z = tensors["z"].new_empty(steps + 1, batch, hidden + reads_size)
+        grad_z[0] = 0
+        grad_z[1:] = grad_outputs.transpose(0, 1)
     if grad_h is not None:
-        grad_z[steps, :, reads_size:] += grad_h
+        grad_z[steps, :, :hidden] += grad_h
+    if grad_reads is not None:
+        grad_z[steps, :, hidden:] += grad_reads.flatten(1)
 
     def carried(grad: torch.Tensor | None, *shape: int) -> torch.Tensor:
         """A final state's gradient as a new tensor the kernel updates in place."""
@@ -197,10 +196,10 @@ def backward(
     z = tensors["z"]
     first = settings.zero_start  # z_0 = 0 adds nothing to δW_rec = Σ_t δgates_tᵀ z_t
     flat_gates = grad_gates[first:].view((steps - first) * batch, 4 * hidden)
-    flat_z = z[first:steps].reshape((steps - first) * batch, reads_size + hidden)
+    flat_z = z[first:steps].reshape((steps - first) * batch, hidden + reads_size)
     # (zᵀ δgates)ᵀ rather than δgatesᵀ z, the same product: ~15% faster through MKL here
     grad_recurrent = (flat_z.T @ flat_gates).T
-    hs = z[1:, :, reads_size:].reshape(steps * batch, hidden)
+    hs = z[1:, :, :hidden].reshape(steps * batch, hidden)
     flat_head = grad_head.view(steps * batch, -1)
     grad_head_weights, grad_head_bias = flat_head.T @ hs, flat_head.sum(0)
     return (
@@ -208,12 +207,12 @@ def backward(
         grad_recurrent,
         grad_head_weights,
         grad_head_bias,
-        grad_z[0, :, reads_size:] if start_gradient else None,
+        grad_z[0, :, :hidden] if start_gradient else None,
         grads["grad_c"],
         grads["grad_memory"].transpose(1, 2),
         grads["grad_read_weights"],
         grads["grad_usage"],
-        grad_z[0, :, :reads_size].reshape(batch, heads, width) if start_gradient else None,
+        grad_z[0, :, hidden:].reshape(batch, heads, width) if start_gradient else None,
         None,
         None,
     )

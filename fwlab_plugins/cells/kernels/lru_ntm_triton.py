@@ -5,7 +5,7 @@ Each program owns one sequence and runs all T steps, as ``lru_ntm_cpu.c`` does f
 (its comments give each buffer's meaning; the equations are in :mod:`~fwlab_plugins.cells.
 lru_ntm` and :mod:`~fwlab_plugins.cells.lru_addressing`). Per step t:
 
-    forward:   gates = u_t + W_rec [r_{t-1}, h_{t-1}],  the LSTM update,  [k̃, α] = W_head h_t + b
+    forward:   gates = u_t + W_rec [h_{t-1}, r_{t-1}],  the LSTM update,  [k̃, α] = W_head h_t + b
                M(least used of w^u_{t-1}) = 0,  M += Σ_r w^w_r k_rᵀ,  w^r = softmax(cos(k, M)),
                r_t = w^r M,  w^u_t = γ w^u_{t-1} + Σ_r w^r_r + w^w_r
     backward:  δM_t = δM + s ⊙ M_t + Σ_r w^r_r δr_rᵀ + δdot_r k_rᵀ   (s: the slot norms' share)
@@ -192,10 +192,10 @@ def _forward_kernel(
         tl.store(at + 3 * hidden, o_gate, mask=h_mask)
         tl.store(cells + next_row * hidden + k_h, c, mask=h_mask)
         tl.store(tanh_c + row * hidden + k_h, tc, mask=h_mask)
-        tl.store(z + next_row * Z + reads_size + k_h, o_gate * tc, mask=h_mask)
+        tl.store(z + next_row * Z + k_h, o_gate * tc, mask=h_mask)
         tl.debug_barrier()
         # the heads: [k̃, α] = W_head h_t + b, kept as [k = tanh k̃, σ(α)]
-        _matvec(head + row * E, head_bias, head_weights, hidden, 1, z + next_row * Z + reads_size,
+        _matvec(head + row * E, head_bias, head_weights, hidden, 1, z + next_row * Z,
                 E, hidden, True, ROWS, COLS)  # fmt: skip
         tl.debug_barrier()
         keys = tanh(tl.load(head + row * E + rw, mask=rw_mask, other=0.0))
@@ -235,7 +235,7 @@ def _forward_kernel(
         read = weights / total[:, None]
         tl.store(read_weights + next_row * heads * slots + rn, read, mask=rn_mask)
         reads = tl.sum(read[:, :, None] * M[None, :, :], axis=1)
-        tl.store(z + next_row * Z + rw, reads, mask=rw_mask)
+        tl.store(z + next_row * Z + hidden + rw, reads, mask=rw_mask)
         used = gamma * used + tl.sum(read, axis=0) + tl.sum(write, axis=0)
         tl.store(usage + next_row * slots + n, used, mask=n_mask)
         read_before = read
@@ -305,7 +305,7 @@ def _backward_kernel(
         key_norm = tl.load(key_norms + row * heads + r, mask=r_mask, other=0.0)
         slot_norm = tl.load(slot_norms + row * slots + n, mask=n_mask, other=0.0)
         dots = tl.load(scores + row * heads * slots + rn, mask=rn_mask, other=0.0)
-        grad_reads = tl.load(grad_z + next_row * Z + rw, mask=rw_mask, other=0.0)  # δr_t
+        grad_reads = tl.load(grad_z + next_row * Z + hidden + rw, mask=rw_mask, other=0.0)  # δr_t
         # a slot the forward pass left at 0 is 0, not the rounding error of the undone writes,
         # which the cosine's gradient there (δdot = δK / ε) would multiply by 1e8
         M = tl.where(slot_norm[:, None] > 0, M, 0.0)
@@ -353,7 +353,7 @@ def _backward_kernel(
         tl.store(grad_head + row * E + reads_size + r, grad_mix * mix * (1.0 - mix), mask=r_mask)
         tl.debug_barrier()
         # δh_t += W_headᵀ δ[k̃, α]
-        grad_h = grad_z + next_row * Z + reads_size
+        grad_h = grad_z + next_row * Z
         _matvec(grad_h, grad_h, head_weights, 1, hidden, grad_head + row * E, hidden, E,
                 True, ROWS, COLS)  # fmt: skip
         tl.debug_barrier()
