@@ -50,6 +50,11 @@ typedef struct {
     REAL *z;            /* [h_t, r_t], (T+1, B, Z): from index 1 the node's outputs, as they are */
     REAL *head;         /* (T, B, E): [k̃, α] = W_head h_t + b_head, then [k = tanh k̃, σ(α)] */
     REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
+    /* where a pass starts its memory (and δM), read only: each sequence's is copied in at its
+     * first step, when it is about to be in cache anyway, rather than in a pass of its own */
+    const REAL *initial_memory;    /* M_0, (B, W, N), for the forward pass */
+    const REAL *final_memory;      /* M_T, (B, W, N), for the backward pass */
+    const REAL *final_grad_memory; /* δM_T, (B, W, N), for the backward pass; NULL: 0 */
     REAL *cleared;      /* the cleared slot's M_{t-1}(i), (T, B, W) */
     REAL *read_weights; /* w^r, (T+1, B, R, N) */
     REAL *write_weights;/* w^w, (T, B, R, N) */
@@ -372,6 +377,7 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
         REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
+        if (t == 0) memcpy(memory, p->initial_memory + b * W * N, (size_t)(W * N) * sizeof(REAL));
         for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
         NAME(least_used_slots)(usage, N, R, least);
@@ -485,8 +491,9 @@ static REAL NAME(cosine_backward)(int64_t N, const REAL *restrict weights,
 
 /* Step t of the memory backward: from the carried δM_{t+1} (slot-minor, as the memory),
  * δw^r_{t+1}, δw^u_{t+1} and the reads' δr_t (grad_z[t+1]), δ[k̃, α]_t into grad_head[t], and
- * the carried gradients of the state before the step in place. `scratch`:
- * backward_scratch_size REALs per thread of the region.
+ * the carried gradients of the state before the step in place. `first`: the pass's first step
+ * (t = T − 1), where each sequence's memory and δM start from final_memory and
+ * final_grad_memory. `scratch`: backward_scratch_size REALs per thread of the region.
  *
  * Two passes over the memory, neither storing anything per head and slot as it goes (stores,
  * one per vector and cycle, bounded the passes that did): sums down each slot's features (δw^r
@@ -498,7 +505,8 @@ static REAL NAME(cosine_backward)(int64_t N, const REAL *restrict weights,
  *     δw^w_g(i) = Σ_j δM(j, i) k_g(j) + s(i) k_g·M_t(i)
  *                 + Σ_h w^r_h(i) δr_h·k_g + δdot_h(i) k_h·k_g,
  * where k_g·M_t(i) is the forward pass's score. */
-static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, REAL *scratch) {
+static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, int first,
+                                       REAL *scratch) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
     const int64_t Z = R * W + p->hidden, E = R * W + R;
     const REAL gamma = (REAL)p->usage_decay;
@@ -523,6 +531,14 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         REAL *grad_memory = p->grad_memory + b * W * N;
         REAL *grad_read = p->grad_read_weights + b * R * N, *grad_usage = p->grad_usage + b * N;
         REAL *grad_head = p->grad_head + tb * E;
+        if (first) { /* the pass's first step: M_T and δM_T */
+            const size_t bytes = (size_t)(W * N) * sizeof(REAL);
+            memcpy(memory, p->final_memory + b * W * N, bytes);
+            if (p->final_grad_memory != NULL)
+                memcpy(grad_memory, p->final_grad_memory + b * W * N, bytes);
+            else
+                memset(grad_memory, 0, bytes);
+        }
         /* a slot the forward pass left at 0 is 0, not the rounding error of the undone writes,
          * which the cosine's gradient there (δdot = δK / ε) would multiply by 1e8 */
         int64_t zero_slots = 0; /* all but R at the first step, rarely any later */
@@ -733,7 +749,7 @@ int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
         NAME(pack_panels)(p->recurrent_weights, G, Z, Z, 1, recurrent); /* W_rec */
         NAME(pack_panels)(p->head_weights, E, H, H, 1, head);           /* W_head */
         for (int64_t t = steps - 1; t >= 0; t--) {
-            NAME(memory_backward_step)(p, t, scratch);
+            NAME(memory_backward_step)(p, t, t == steps - 1, scratch);
             REAL *grad_h = p->grad_z + (t + 1) * B * Z;
             NAME(product)(p->grad_head + t * B * E, E, B, E, head, H, grad_h, Z, grad_h, Z);
 #pragma omp barrier

@@ -18,8 +18,9 @@ SOURCE = Path(__file__).with_name("lru_ntm_cpu.c")
 
 _POINTERS = [
     "input_part", "recurrent_weights", "head_weights", "head_bias",
-    "gates", "cells", "tanh_c", "z", "head", "memory", "cleared", "read_weights", "write_weights",
-    "usage",
+    "gates", "cells", "tanh_c", "z", "head", "memory",
+    "initial_memory", "final_memory", "final_grad_memory",
+    "cleared", "read_weights", "write_weights", "usage",
     "key_norms", "slot_norms", "scores", "least_used",
     "grad_z", "grad_c", "grad_memory", "grad_read_weights", "grad_usage", "grad_gates",
     "grad_head",

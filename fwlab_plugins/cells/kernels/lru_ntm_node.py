@@ -18,6 +18,8 @@ product each (torch's) at the end.
 
 A kernel is a :class:`Passes`: its forward and backward pass over every step, on the buffers
 named in ``lru_ntm_cpu.c``'s ``LRUNTMBuffers`` (whose comments give their shapes and meaning).
+A pass starts its own memory (and δM) from ``initial_memory`` (forward), ``final_memory`` and
+``final_grad_memory`` (backward; ``None``: zeros), which it only reads.
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ class Passes(Protocol):
 
 # not saved for the backward pass, which needs neither the inputs that only the forward pass
 # reads nor the usage
-_UNSAVED = {"input_part", "head_bias", "usage"}
+_UNSAVED = {"input_part", "head_bias", "usage", "initial_memory"}
 
 
 def slot_minor(memory: torch.Tensor) -> torch.Tensor:
-    """A new contiguous tensor of ``memory`` with its last two axes swapped: (B, N, W) <->
-    (B, W, N), the kernels' layout of the memory. Always a copy, which a kernel may write to
-    (``contiguous()`` of a transpose is the tensor itself when N or W is 1)."""
-    return memory.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+    """``memory`` with its last two axes swapped, (B, N, W) <-> (B, W, N), contiguous: the
+    kernels' layout of the memory. A view where ``memory`` is stored that way (the cell's fresh
+    state and the memory a kernel returns are), else a copy; a kernel only reads it."""
+    return memory.transpose(1, 2).contiguous()
 
 
 def forward(
@@ -101,7 +103,8 @@ def forward(
         "tanh_c": new(steps, batch, hidden),
         "z": new(steps + 1, batch, hidden + reads_size),  # [h_t, r_t]: from t = 1 the outputs
         "head": new(steps, batch, reads_size + heads),
-        "memory": slot_minor(memory0),  # updated in place
+        "memory": new(batch, width, slots),  # M_t, the pass's own, updated in place
+        "initial_memory": slot_minor(memory0),
         "cleared": new(steps, batch, width),
         "read_weights": new(steps + 1, batch, heads, slots),
         "write_weights": new(steps, batch, heads, slots),
@@ -179,18 +182,17 @@ def backward(
     grads = {
         "grad_z": grad_z,
         "grad_c": carried(grad_c, batch, hidden),
-        "grad_memory": (
-            grad_z.new_zeros(batch, width, slots)
-            if grad_memory is None
-            else slot_minor(grad_memory)
-        ),
+        "grad_memory": grad_z.new_empty(batch, width, slots),
+        "final_grad_memory": None if grad_memory is None else slot_minor(grad_memory),
         "grad_read_weights": carried(grad_read_weights, batch, heads, slots),
         "grad_usage": carried(grad_usage, batch, slots),
         "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
         "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
     }
-    # the backward pass undoes the steps' writes in a copy of M_T (it may run more than once)
-    tensors["memory"] = tensors["memory"].clone()
+    # the backward pass undoes the steps' writes in its own memory, starting from M_T (which it
+    # leaves as it is: the node's output, and a backward pass may run more than once)
+    tensors["final_memory"] = tensors["memory"]
+    tensors["memory"] = torch.empty_like(tensors["memory"])
     passes.backward(settings, tensors | grads, steps)
     grad_gates, grad_head = grads["grad_gates"], grads["grad_head"]
     z = tensors["z"]

@@ -432,11 +432,17 @@ class _TritonPasses:
     def forward(
         self, settings: lru_ntm_node.Settings, tensors: dict[str, torch.Tensor], steps: int
     ) -> None:
+        tensors["memory"].copy_(tensors["initial_memory"])
         self._launch(_forward_kernel, _FORWARD, settings, tensors, steps)
 
     def backward(
         self, settings: lru_ntm_node.Settings, tensors: dict[str, torch.Tensor], steps: int
     ) -> None:
+        tensors["memory"].copy_(tensors["final_memory"])
+        if tensors["final_grad_memory"] is None:
+            tensors["grad_memory"].zero_()
+        else:
+            tensors["grad_memory"].copy_(tensors["final_grad_memory"])
         self._launch(_backward_kernel, _BACKWARD, settings, tensors, steps)
 
 
