@@ -87,39 +87,44 @@ class LRUNTMCell(Cell):
     def output_size(self) -> int:
         return self.hidden_size + self.config.read_heads * self.config.memory_width
 
+    def _shapes(self) -> LRUNTMState:
+        """The shape of each part of one sequence's state."""
+        heads, slots, width = (
+            self.config.read_heads,
+            self.config.memory_slots,
+            self.config.memory_width,
+        )
+        hidden = (self.hidden_size,)
+        return LRUNTMState(hidden, hidden, (slots, width), (heads, slots), (slots,), (heads, width))
+
     def initial_state(
         self,
         batch_size: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> LRUNTMState:
-        config = self.config
-        heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
-
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
 
-        return LRUNTMState(
-            h=zeros(self.hidden_size),
-            c=zeros(self.hidden_size),
-            # (B, N, W) over slot-minor storage, the layout the C kernel works in: a state it
-            # returns, and a fresh one, go in with a plain copy instead of a transposing one
-            memory=zeros(width, slots).transpose(1, 2),
-            read_weights=zeros(heads, slots),
-            usage=zeros(slots),
-            reads=zeros(heads, width),
+        shapes = self._shapes()
+        return LRUNTMState(*[zeros(*shape) for shape in shapes])._replace(
+            # (B, N, W) over slot-minor storage, the layout the kernels work in: a state one
+            # returns, and a fresh one, go in as they are instead of through a transposing copy
+            memory=zeros(*reversed(shapes.memory)).transpose(1, 2)
         )
 
     def forward(
         self, x: torch.Tensor, state: LRUNTMState | None = None
     ) -> tuple[torch.Tensor, LRUNTMState]:
-        zero_start = state is None  # the fresh state's zeros, which the node may skip
-        if state is None:
-            state = self.initial_state(x.shape[0], x.device, x.dtype)
         dtype = self.controller.weight_hh.dtype
-
         node = self._sequence_node(x, dtype)
         if node is not None:
+            zero_start = state is None
+            if (
+                zero_start
+            ):  # the node starts from zeros without reading them: no memory of their own
+                zero = x.new_zeros(())
+                state = LRUNTMState(*[zero.expand(x.shape[0], *shape) for shape in self._shapes()])
             outputs, *final = apply_in_full_precision(
                 node,
                 dtype,
@@ -130,6 +135,8 @@ class LRUNTMCell(Cell):
                 zero_start,
             )
             return outputs, LRUNTMState(*final)
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
         input_part, products = self._input_part(x), self._step_products()
         outputs = []
         for input_t in input_part.unbind(1):  # unbind, not slices: O(T) backward

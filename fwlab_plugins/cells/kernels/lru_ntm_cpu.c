@@ -39,7 +39,7 @@
 typedef struct {
     int64_t batch, hidden, heads, slots, width;
     int64_t threads;    /* the most threads a pass may use */
-    int64_t zero_start; /* 1: z_0 = [h_0, r_0] is 0, so the first step's z_0 W_recᵀ is skipped */
+    int64_t zero_start; /* 1: the state before step 0 is 0, so z_0 W_recᵀ is skipped */
     int64_t start_gradient; /* 1: δz_0 is wanted, the backward pass's last product */
     double usage_decay; /* γ */
     /* the driver's inputs: u = W_x x + b (T, B, 4H), W_rec (4H, Z), W_head (E, H), b_head (E) */
@@ -52,7 +52,7 @@ typedef struct {
     REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
     /* where a pass starts its memory (and δM), read only: each sequence's is copied in at its
      * first step, when it is about to be in cache anyway, rather than in a pass of its own */
-    const REAL *initial_memory;    /* M_0, (B, W, N), for the forward pass */
+    const REAL *initial_memory;    /* M_0, (B, W, N), for the forward pass; NULL: 0 */
     const REAL *final_memory;      /* M_T, (B, W, N), for the backward pass */
     const REAL *final_grad_memory; /* δM_T, (B, W, N), for the backward pass; NULL: 0 */
     REAL *cleared;      /* the cleared slot's M_{t-1}(i), (T, B, W) */
@@ -377,7 +377,10 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
         REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
-        if (t == 0) memcpy(memory, p->initial_memory + b * W * N, (size_t)(W * N) * sizeof(REAL));
+        if (t == 0 && p->initial_memory != NULL)
+            memcpy(memory, p->initial_memory + b * W * N, (size_t)(W * N) * sizeof(REAL));
+        else if (t == 0)
+            memset(memory, 0, (size_t)(W * N) * sizeof(REAL));
         for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
         NAME(least_used_slots)(usage, N, R, least);

@@ -19,7 +19,7 @@ product each (torch's) at the end.
 A kernel is a :class:`Passes`: its forward and backward pass over every step, on the buffers
 named in ``lru_ntm_cpu.c``'s ``LRUNTMBuffers`` (whose comments give their shapes and meaning).
 A pass starts its own memory (and δM) from ``initial_memory`` (forward), ``final_memory`` and
-``final_grad_memory`` (backward; ``None``: zeros), which it only reads.
+``final_grad_memory`` (backward), which it only reads (``None``: zeros).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class Settings(NamedTuple):
     slots: int
     width: int
     threads: int  # the most threads a C pass may use (torch's intra-op threads)
-    # 1: h_0 and r_0 are zeros (the cell's fresh state), so z_0 W_recᵀ = 0 and a pass may skip
-    # the first step's recurrent product and its share of δW_rec
+    # 1: the state before step 0 is the cell's fresh one, all zeros: a pass starts from zeros
+    # without reading it, and may skip the first step's recurrent product (z_0 W_recᵀ = 0) and
+    # its share of δW_rec
     zero_start: int
     # 1: δh_0 and δr_0 are wanted (by the backward pass: the last step's δz_0 = δgates_0 W_rec)
     start_gradient: int
@@ -86,7 +87,8 @@ def forward(
     c_0, M_0, w^r_0, w^u_0, r_0, γ, zero_start) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T,
     w^u_T, r_T)``, the state as :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it.
     ``u`` comes time-major, as the steps read it (a contiguous slice per step), and so does its
-    gradient. ``zero_start``: the caller vouches that h_0 and r_0 are zeros."""
+    gradient. ``zero_start``: the state is the fresh one, all zeros, and its tensors are not read
+    (they may be broadcast views)."""
     steps, batch, four_hidden = input_part.shape
     hidden = four_hidden // 4
     _, heads, slots = read_weights0.shape
@@ -104,7 +106,7 @@ def forward(
         "z": new(steps + 1, batch, hidden + reads_size),  # [h_t, r_t]: from t = 1 the outputs
         "head": new(steps, batch, reads_size + heads),
         "memory": new(batch, width, slots),  # M_t, the pass's own, updated in place
-        "initial_memory": slot_minor(memory0),
+        "initial_memory": None if zero_start else slot_minor(memory0),
         "cleared": new(steps, batch, width),
         "read_weights": new(steps + 1, batch, heads, slots),
         "write_weights": new(steps, batch, heads, slots),
@@ -115,11 +117,16 @@ def forward(
         "least_used": new(steps, batch, heads, dtype=torch.int64),
     }
     z = tensors["z"]
-    tensors["cells"][0] = c0
-    z[0, :, :hidden] = h0
-    z[0, :, hidden:] = reads0.flatten(1)
-    tensors["read_weights"][0] = read_weights0
-    tensors["usage"][0] = usage0
+    if zero_start:
+        starts = (tensors["cells"][0], z[0], tensors["read_weights"][0], tensors["usage"][0])
+        for start in starts:
+            start.zero_()
+    else:
+        tensors["cells"][0] = c0
+        z[0, :, :hidden] = h0
+        z[0, :, hidden:] = reads0.flatten(1)
+        tensors["read_weights"][0] = read_weights0
+        tensors["usage"][0] = usage0
     threads = torch.get_num_threads()
     settings = Settings(
         batch, hidden, heads, slots, width, threads, int(zero_start), 0, usage_decay

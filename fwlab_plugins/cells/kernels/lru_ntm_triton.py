@@ -432,7 +432,10 @@ class _TritonPasses:
     def forward(
         self, settings: lru_ntm_node.Settings, tensors: dict[str, torch.Tensor], steps: int
     ) -> None:
-        tensors["memory"].copy_(tensors["initial_memory"])
+        if tensors["initial_memory"] is None:
+            tensors["memory"].zero_()
+        else:
+            tensors["memory"].copy_(tensors["initial_memory"])
         self._launch(_forward_kernel, _FORWARD, settings, tensors, steps)
 
     def backward(
