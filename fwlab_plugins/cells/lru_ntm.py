@@ -89,11 +89,8 @@ class LRUNTMCell(Cell):
 
     def _shapes(self) -> LRUNTMState:
         """The shape of each part of one sequence's state."""
-        heads, slots, width = (
-            self.config.read_heads,
-            self.config.memory_slots,
-            self.config.memory_width,
-        )
+        config = self.config
+        heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
         hidden = (self.hidden_size,)
         return LRUNTMState(hidden, hidden, (slots, width), (heads, slots), (slots,), (heads, width))
 
@@ -106,11 +103,16 @@ class LRUNTMCell(Cell):
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
 
-        shapes = self._shapes()
-        return LRUNTMState(*[zeros(*shape) for shape in shapes])._replace(
+        h, c, memory, read_weights, usage, reads = self._shapes()
+        return LRUNTMState(
+            h=zeros(*h),
+            c=zeros(*c),
             # (B, N, W) over slot-minor storage, the layout the kernels work in: a state one
             # returns, and a fresh one, go in as they are instead of through a transposing copy
-            memory=zeros(*reversed(shapes.memory)).transpose(1, 2)
+            memory=zeros(*reversed(memory)).transpose(1, 2),
+            read_weights=zeros(*read_weights),
+            usage=zeros(*usage),
+            reads=zeros(*reads),
         )
 
     def forward(
@@ -120,10 +122,10 @@ class LRUNTMCell(Cell):
         node = self._sequence_node(x, dtype)
         if node is not None:
             zero_start = state is None
-            if (
-                zero_start
-            ):  # the node starts from zeros without reading them: no memory of their own
-                zero = x.new_zeros(())
+            if zero_start:
+                # zeros the node starts from without reading them: broadcast views, no memory
+                # of their own (in the node's dtype, which a cast would copy them into)
+                zero = torch.zeros((), device=x.device, dtype=dtype)
                 state = LRUNTMState(*[zero.expand(x.shape[0], *shape) for shape in self._shapes()])
             outputs, *final = apply_in_full_precision(
                 node,

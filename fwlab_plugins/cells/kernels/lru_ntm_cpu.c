@@ -377,10 +377,13 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
         REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
-        if (t == 0 && p->initial_memory != NULL)
-            memcpy(memory, p->initial_memory + b * W * N, (size_t)(W * N) * sizeof(REAL));
-        else if (t == 0)
-            memset(memory, 0, (size_t)(W * N) * sizeof(REAL));
+        if (t == 0) { /* M_0, or zeros */
+            const size_t bytes = (size_t)(W * N) * sizeof(REAL);
+            if (p->initial_memory != NULL)
+                memcpy(memory, p->initial_memory + b * W * N, bytes);
+            else
+                memset(memory, 0, bytes);
+        }
         for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
         NAME(least_used_slots)(usage, N, R, least);
