@@ -98,6 +98,15 @@ static inline REAL NAME(exp_cosine)(REAL x) {
     return y;
 }
 
+/* A pass's start of one sequence's memory or δM: n REALs into `to` from `from` + offset, or
+ * zeros where `from` is NULL. */
+static inline void NAME(start_from)(REAL *to, const REAL *from, int64_t offset, int64_t n) {
+    if (from != NULL)
+        memcpy(to, from + offset, (size_t)n * sizeof(REAL));
+    else
+        memset(to, 0, (size_t)n * sizeof(REAL));
+}
+
 static inline REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n) {
     REAL sum = 0;
     for (int64_t j = 0; j < n; j++) sum += a[j] * b[j];
@@ -377,13 +386,7 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         REAL *key_norms = p->key_norms + tb * R, *slot_norms = p->slot_norms + tb * N;
         REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
-        if (t == 0) { /* M_0, or zeros */
-            const size_t bytes = (size_t)(W * N) * sizeof(REAL);
-            if (p->initial_memory != NULL)
-                memcpy(memory, p->initial_memory + b * W * N, bytes);
-            else
-                memset(memory, 0, bytes);
-        }
+        if (t == 0) NAME(start_from)(memory, p->initial_memory, b * W * N, W * N);
         for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
         NAME(least_used_slots)(usage, N, R, least);
@@ -538,12 +541,8 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         REAL *grad_read = p->grad_read_weights + b * R * N, *grad_usage = p->grad_usage + b * N;
         REAL *grad_head = p->grad_head + tb * E;
         if (first) { /* the pass's first step: M_T and δM_T */
-            const size_t bytes = (size_t)(W * N) * sizeof(REAL);
-            memcpy(memory, p->final_memory + b * W * N, bytes);
-            if (p->final_grad_memory != NULL)
-                memcpy(grad_memory, p->final_grad_memory + b * W * N, bytes);
-            else
-                memset(grad_memory, 0, bytes);
+            NAME(start_from)(memory, p->final_memory, b * W * N, W * N);
+            NAME(start_from)(grad_memory, p->final_grad_memory, b * W * N, W * N);
         }
         /* a slot the forward pass left at 0 is 0, not the rounding error of the undone writes,
          * which the cosine's gradient there (δdot = δK / ε) would multiply by 1e8 */

@@ -399,6 +399,14 @@ _BACKWARD = [
 ]  # fmt: skip
 
 
+def _start_from(buffer: torch.Tensor, source: torch.Tensor | None) -> None:
+    """A pass's start of its memory or δM: ``source``'s values, or zeros where it is None."""
+    if source is None:
+        buffer.zero_()
+    else:
+        buffer.copy_(source)
+
+
 class _TritonPasses:
     @staticmethod
     def _launch(
@@ -432,20 +440,14 @@ class _TritonPasses:
     def forward(
         self, settings: lru_ntm_node.Settings, tensors: dict[str, torch.Tensor], steps: int
     ) -> None:
-        if tensors["initial_memory"] is None:
-            tensors["memory"].zero_()
-        else:
-            tensors["memory"].copy_(tensors["initial_memory"])
+        _start_from(tensors["memory"], tensors["initial_memory"])
         self._launch(_forward_kernel, _FORWARD, settings, tensors, steps)
 
     def backward(
         self, settings: lru_ntm_node.Settings, tensors: dict[str, torch.Tensor], steps: int
     ) -> None:
-        tensors["memory"].copy_(tensors["final_memory"])
-        if tensors["final_grad_memory"] is None:
-            tensors["grad_memory"].zero_()
-        else:
-            tensors["grad_memory"].copy_(tensors["final_grad_memory"])
+        _start_from(tensors["memory"], tensors["final_memory"])
+        _start_from(tensors["grad_memory"], tensors["final_grad_memory"])
         self._launch(_backward_kernel, _BACKWARD, settings, tensors, steps)
 
 
