@@ -127,9 +127,16 @@ def forward(
         z[0, :, hidden:] = reads0.flatten(1)
         tensors["read_weights"][0] = read_weights0
         tensors["usage"][0] = usage0
-    threads = torch.get_num_threads()
     settings = Settings(
-        batch, hidden, heads, slots, width, threads, int(zero_start), 0, usage_decay
+        batch,
+        hidden,
+        heads,
+        slots,
+        width,
+        threads=torch.get_num_threads(),
+        zero_start=int(zero_start),
+        start_gradient=0,  # the backward pass sets it, from what wants a gradient
+        usage_decay=usage_decay,
     )
     passes.forward(settings, tensors, steps)
     # saved for backward (where a saved-tensors hook may move them: the backward pass takes
