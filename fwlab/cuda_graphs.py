@@ -1,4 +1,5 @@
-"""CUDA-graph capture of a model's forward and backward passes, with an eager fallback.
+"""CUDA-graph capture of a model's forward and backward passes and of its optimiser's update,
+with an eager fallback.
 
 A recurrent cell written as a Python loop over time launches a few kernels per step, and on a
 GPU the launches, not the arithmetic, set the speed of short sequences. A CUDA graph records
@@ -6,24 +7,40 @@ every kernel of a pass once and replays them with one launch. :class:`GraphedNet
 for the batch shape it meets first:
 
 - in training, the forward and the backward pass (``torch.cuda.make_graphed_callables``: the
-  backward graph runs when autograd reaches the output, so Lightning's loop, gradient clipping,
-  DDP-free optimiser steps and the metrics are unchanged);
+  backward graph runs when autograd reaches the output, so Lightning's loop, gradient clipping
+  and the metrics are unchanged);
 - in evaluation, the forward pass under ``torch.no_grad``.
 
 Anything else runs eagerly: another batch shape (the short last batch of an epoch), the CPU,
 several processes (DDP's gradient hooks are not captured), or a network whose capture fails
 (e.g. one that reads a value back to the CPU mid-pass); the first fallback of each kind is
 logged with its reason. Replays read the parameters in place, so optimiser steps are seen.
+
+The optimiser's update is captured too, as a graph of its own (:class:`GraphedSteps`, which
+:func:`fwlab.optim.make_optimizer` mixes into Adam, AdamW and RMSprop, the optimisers with a
+``capturable`` mode; SGD steps eagerly): Lightning's closure (forward, backward, gradient
+clipping) runs as above, then the update's few dozen kernels run as one replay. It too is
+captured on one device in one process only.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+
+def _report_once(reported: set[str], message: str) -> None:
+    """Log ``message`` the first time it comes (``reported`` holds those already logged)."""
+    if message not in reported:
+        reported.add(message)
+        rank_zero_info(f"fwlab: CUDA graphs: {message}")
 
 
 class _Pass(nn.Module):
@@ -76,9 +93,7 @@ class GraphedNetwork:
             rank_zero_info("fwlab: CUDA graphs: the weights were replaced; capturing again")
 
     def _fallback(self, reason: str, inputs: torch.Tensor) -> torch.Tensor:
-        if reason not in self.reported:
-            self.reported.add(reason)
-            rank_zero_info(f"fwlab: CUDA graphs: running eagerly: {reason}")
+        _report_once(self.reported, f"running eagerly: {reason}")
         return self.function(inputs)
 
     def __call__(self, inputs: torch.Tensor, *, training: bool, world_size: int) -> torch.Tensor:
@@ -141,3 +156,179 @@ class GraphedNetwork:
         static_inputs.copy_(inputs)
         graph.replay()
         return static_outputs.clone()  # the next replay overwrites the static outputs
+
+
+# how often an optimiser's update is captured before it is left eager for good: more means its
+# tensors or settings keep changing (e.g. a schedule that sets a new learning rate every epoch)
+MAX_STEP_CAPTURES = 3
+# what torch warns of once, at the eager update before capture, which is not the case here
+_UNCAPTURED_WARNING = ".*capturable=True.*without CUDA graph capture.*"
+
+
+class GraphedSteps:
+    """Mixed into a torch optimiser constructed with ``capturable=True`` (see
+    :func:`graphed_steps_class`): ``step(closure)`` runs the closure eagerly (in Lightning:
+    forward, backward and gradient clipping), then the update as a replayed CUDA graph.
+
+    A graph bakes in the addresses of the tensors it reads and the Python numbers it was
+    captured with, so a replay is checked against both first: the parameters, their gradients
+    and the optimiser's state, and every group's settings (the learning rate, betas, ...). If any
+    changed (a checkpoint loaded by replacing tensors, a new learning rate), that step runs
+    eagerly and the next is captured again; after :data:`MAX_STEP_CAPTURES` captures the update
+    stays eager, and so it does if capture fails, each with its reason logged once. The first
+    step is eager too: it makes the optimiser's state, which the graph then reads. Gradients are
+    zeroed in place rather than set to ``None``, so that they keep their addresses.
+    """
+
+    step_graph: Callable[[], None] | None  # replays the captured update
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_graph = None
+        self.step_captures = 0
+        self.eager_reason: str | None = None  # set: the update stays eager, for this reason
+        self._graph_key: tuple | None = None
+        self._key_after_eager_step: tuple | None = None
+        self._reported: set[str] = set()
+        self._capturable = self.defaults.get("capturable", False)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place whatever ``set_to_none`` says: the graph reads them where
+        they are."""
+        super().zero_grad(set_to_none=False)  # type: ignore[misc]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as an eager optimiser's (``capturable`` off, step counts on the CPU), so a
+        checkpoint resumes on any device, with or without graphs."""
+        state = super().state_dict()  # type: ignore[misc]
+        for group in state["param_groups"]:  # copies
+            group["capturable"] = False
+        state["state"] = {  # the live state's entries: new ones, not changed
+            index: {**entry, "step": entry["step"].to("cpu", copy=True)}
+            if isinstance(entry.get("step"), torch.Tensor)
+            else entry
+            for index, entry in state["state"].items()
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group in self.param_groups:
+            group["capturable"] = self._capturable
+        if self._capturable:  # the capturable mode keeps step counts on the parameters' device
+            for parameter, entry in self.state.items():
+                if isinstance(entry.get("step"), torch.Tensor):
+                    entry["step"] = entry["step"].to(parameter.device)
+
+    # the update ---------------------------------------------------------------------------------
+    def _own_update(self) -> Callable[[], Any]:
+        """The optimiser's own step, without torch's wrapper of a class's step (profiling, step
+        hooks), which already runs around :meth:`step`."""
+        update = super().step  # type: ignore[misc]
+        if getattr(update, "hooked", False):
+            return functools.partial(update.__wrapped__, self)
+        return update
+
+    def _update(self) -> None:
+        eager_step = self._own_update()
+        reason = self.eager_reason or self._why_eager()
+        if reason is not None:
+            _report_once(self._reported, f"the optimiser step runs eagerly: {reason}")
+            eager_step()
+            return
+        key = self._tensors_and_settings()
+        if self.step_graph is not None and key == self._graph_key:
+            self.step_graph()
+            return
+        if key != self._key_after_eager_step:  # no state yet, or something changed since
+            if self._key_after_eager_step is not None:
+                _report_once(
+                    self._reported,
+                    "the optimiser's tensors or settings changed: an eager step, then capture",
+                )
+            self.step_graph = None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_UNCAPTURED_WARNING)
+                eager_step()
+            self._key_after_eager_step = self._tensors_and_settings()
+            return
+        if self.step_captures == MAX_STEP_CAPTURES:
+            self.eager_reason = (
+                f"its tensors or settings changed after each of {MAX_STEP_CAPTURES} captures "
+                "(e.g. a learning-rate schedule)"
+            )
+            self._update()
+            return
+        try:
+            self.step_graph = self._capture(eager_step)
+        except Exception as error:  # noqa: BLE001 - any capture failure means eager
+            self.eager_reason = f"capture failed ({error})"
+            self._update()
+            return
+        self.step_captures += 1
+        self._graph_key = key
+        rank_zero_info("fwlab: CUDA graphs: captured the optimiser step")
+        self.step_graph()  # capture records the update without running it
+
+    def _why_eager(self) -> str | None:
+        """Why the update cannot be captured now, or ``None``."""
+        if not all(group.get("capturable") for group in self.param_groups):
+            return "capturable is off in a parameter group"
+        parameters = [p for group in self.param_groups for p in group["params"]]
+        if not all(parameter.is_cuda for parameter in parameters):
+            return "a parameter is not on a CUDA device"
+        return None
+
+    def _capture(self, update: Callable[[], Any]) -> Callable[[], None]:
+        """``update`` captured as a CUDA graph; returns its replay."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (a data loader's, a logger's) go on meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            update()
+        return graph.replay
+
+    def _tensors_and_settings(self) -> tuple:
+        """What a captured update depends on: the addresses of the parameters, their gradients
+        and the state's tensors, and every group's settings."""
+
+        def setting(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):  # a tensor setting is read in place
+                return ("tensor", value.data_ptr())
+            if isinstance(value, list | tuple):
+                return tuple(setting(item) for item in value)
+            return value
+
+        settings = tuple(
+            tuple((name, setting(value)) for name, value in group.items() if name != "params")
+            for group in self.param_groups
+        )
+        tensors = tuple(
+            (p.data_ptr(), None if p.grad is None else p.grad.data_ptr())
+            for group in self.param_groups
+            for p in group["params"]
+        )
+        state = tuple(
+            value.data_ptr()
+            for entry in self.state.values()
+            for value in entry.values()
+            if isinstance(value, torch.Tensor)
+        )
+        return settings, tensors, state
+
+
+def graphed_steps_class(
+    optimizer_class: type[torch.optim.Optimizer],
+) -> type[torch.optim.Optimizer] | None:
+    """``optimizer_class`` with :class:`GraphedSteps` mixed in, to be constructed with
+    ``capturable=True``; ``None`` where the optimiser has no capturable mode (SGD)."""
+    if "capturable" not in inspect.signature(optimizer_class).parameters:
+        return None
+    return type(f"Graphed{optimizer_class.__name__}", (GraphedSteps, optimizer_class), {})

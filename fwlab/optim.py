@@ -6,7 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from fwlab.cuda_graphs import graphed_steps_class
 from fwlab.errors import ConfigError
 
 
@@ -18,18 +20,37 @@ class OptimConfig:
     momentum: float = 0.0  # rmsprop and sgd only
 
 
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+}
+_WITH_MOMENTUM = ("rmsprop", "sgd")
+
+
 def make_optimizer(
-    parameters: Iterable[torch.nn.Parameter], config: OptimConfig
+    parameters: Iterable[torch.nn.Parameter], config: OptimConfig, graphed_steps: bool = False
 ) -> torch.optim.Optimizer:
-    common = {"lr": config.lr, "weight_decay": config.weight_decay}
-    if config.name == "adam":
-        return torch.optim.Adam(parameters, **common)
-    if config.name == "adamw":
-        return torch.optim.AdamW(parameters, **common)
-    if config.name == "rmsprop":
-        return torch.optim.RMSprop(parameters, momentum=config.momentum, **common)
-    if config.name == "sgd":
-        return torch.optim.SGD(parameters, momentum=config.momentum, **common)
-    raise ConfigError(
-        f"optim.name='{config.name}' is not known: expected adam, adamw, rmsprop or sgd"
-    )
+    """The optimiser ``config`` names over ``parameters``. ``graphed_steps``: its update runs as
+    a replayed CUDA graph (:class:`fwlab.cuda_graphs.GraphedSteps`; the parameters must be on
+    one CUDA device) where the optimiser has a capturable mode, and eagerly, saying so, where it
+    has none."""
+    if config.name not in _OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name='{config.name}' is not known: expected adam, adamw, rmsprop or sgd"
+        )
+    optimizer_class = _OPTIMIZERS[config.name]
+    options = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.name in _WITH_MOMENTUM:
+        options["momentum"] = config.momentum
+    if graphed_steps:
+        graphed = graphed_steps_class(optimizer_class)
+        if graphed is None:
+            rank_zero_info(
+                f"fwlab: CUDA graphs: the optimiser step runs eagerly: optim.name={config.name} "
+                "has no capturable mode"
+            )
+        else:
+            optimizer_class, options = graphed, {**options, "capturable": True}
+    return optimizer_class(parameters, **options)

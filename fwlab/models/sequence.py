@@ -37,8 +37,9 @@ class SequenceModelConfig:
     head_hidden_size: int = 100
     # Regression targets only: gaussian_nll (the head predicts a mean and a variance) or mse.
     regression_loss: str = "gaussian_nll"
-    # On one CUDA device, run training (forward and backward) and evaluation passes as captured
-    # CUDA graphs (fwlab/cuda_graphs.py); elsewhere, or if capture fails, eagerly, saying why.
+    # On one CUDA device, run training (forward and backward), the optimiser's update and
+    # evaluation passes as captured CUDA graphs (fwlab/cuda_graphs.py); elsewhere, or if capture
+    # fails, eagerly, saying why.
     cuda_graphs: bool = True
 
 
@@ -105,8 +106,10 @@ class SequenceModel(L.LightningModule):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs`` (B, T) tokens or (B, T, I) vectors -> head outputs; through CUDA graphs
         where they apply."""
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        return self.graphs(inputs, training=self.training, world_size=world_size)
+        return self.graphs(inputs, training=self.training, world_size=self._world_size())
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
 
     def network(self, inputs: torch.Tensor) -> torch.Tensor:
         """The eager computation: encoder -> cell -> head."""
@@ -159,7 +162,15 @@ class SequenceModel(L.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.parameters(), self.optim_config)
+        parameters = list(self.parameters())
+        # the update as a CUDA graph too, where the passes are captured: one CUDA device, one
+        # process (Lightning has moved the model to its device by now)
+        graphed_steps = (
+            self.config.cuda_graphs
+            and self._world_size() == 1
+            and all(parameter.is_cuda for parameter in parameters)
+        )
+        return make_optimizer(parameters, self.optim_config, graphed_steps=graphed_steps)
 
 
 class _OneHot(nn.Module):
