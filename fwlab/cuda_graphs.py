@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -177,7 +178,8 @@ class GraphedSteps:
     eagerly and the next is captured again; after :data:`MAX_STEP_CAPTURES` captures the update
     stays eager, and so it does if capture fails, each with its reason logged once. The first
     step is eager too: it makes the optimiser's state, which the graph then reads. Gradients are
-    zeroed in place rather than set to ``None``, so that they keep their addresses.
+    zeroed in place rather than set to ``None``, so that they keep their addresses, each in
+    storage of its own (see :meth:`_own_the_gradients`).
     """
 
     step_graph: Callable[[], None] | None  # replays the captured update
@@ -191,6 +193,7 @@ class GraphedSteps:
         self._key_after_eager_step: tuple | None = None
         self._reported: set[str] = set()
         self._capturable = self.defaults.get("capturable", False)
+        self._own_gradients: dict[int, weakref.ref[torch.Tensor]] = {}  # made by zero_grad
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -203,7 +206,21 @@ class GraphedSteps:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place whatever ``set_to_none`` says: the graph reads them where
         they are."""
+        self._own_the_gradients()
         super().zero_grad(set_to_none=False)  # type: ignore[misc]
+
+    def _own_the_gradients(self) -> None:
+        """Give each gradient not yet seen here storage of its own (a copy). Where a parameter
+        has no gradient, autograd takes the new one without a copy, which from a captured
+        backward pass (``GraphedNetwork``) is the graph's output buffer: zeroed in place, the
+        next replay would overwrite it and autograd then add it to itself."""
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                grad = parameter.grad
+                seen = self._own_gradients.get(id(grad))
+                if grad is not None and (seen is None or seen() is not grad):
+                    parameter.grad = grad = grad.clone()
+                    self._own_gradients[id(grad)] = weakref.ref(grad)
 
     def state_dict(self) -> dict[str, Any]:
         """The state as an eager optimiser's (``capturable`` off, step counts on the CPU), so a
@@ -258,6 +275,7 @@ class GraphedSteps:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_UNCAPTURED_WARNING)
                 eager_step()
+            self._own_the_gradients()  # now, so that they are where the next step finds them
             self._key_after_eager_step = self._tensors_and_settings()
             return
         if self.step_captures == MAX_STEP_CAPTURES:

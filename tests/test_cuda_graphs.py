@@ -262,6 +262,47 @@ def test_a_checkpoint_leaves_the_captured_update_as_it_was():
     assert optimizer.replays == replays + 1 and optimizer.step_captures == 1
 
 
+class StaticGradient(torch.autograd.Function):
+    """``x @ w``, whose backward pass hands out ``w``'s gradient as a captured backward graph
+    (``torch.cuda.make_graphed_callables``) does: written into one static buffer and returned
+    detached, which autograd takes as ``w.grad`` without a copy where ``w`` has none."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, buffer):
+        ctx.save_for_backward(inputs)
+        ctx.buffer = buffer
+        return inputs @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inputs,) = ctx.saved_tensors
+        torch.matmul(inputs.T, grad, out=ctx.buffer)
+        return None, ctx.buffer.detach(), None
+
+
+def test_gradients_from_a_captured_backward_pass_are_not_added_twice():
+    def fit(optimizer_class) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        weight = nn.Parameter(torch.randn(4, 1))
+        inputs, targets, buffer = torch.randn(32, 4), torch.randn(32, 1), torch.empty(4, 1)
+        optimizer, grads = optimizer_class([weight], lr=0.05), []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(StaticGradient.apply(inputs, weight, buffer), targets)
+            loss.backward()
+            grads.append(weight.grad.clone())
+            return loss
+
+        for _ in range(5):
+            optimizer.step(closure)
+        return grads
+
+    eager, graphed = fit(torch.optim.Adam), fit(StandInGraphAdam)
+    for step, (grad, eager_grad) in enumerate(zip(graphed, eager, strict=True)):
+        torch.testing.assert_close(grad, eager_grad, rtol=0, atol=0, msg=f"step {step}")
+
+
 def test_step_hooks_run_once_a_step():
     torch.optim.Adam([nn.Parameter(torch.zeros(1))]).step()  # wraps Adam.step in torch's hooks
     calls = []
