@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,25 @@ def _report_once(reported: set[str], message: str) -> None:
     if message not in reported:
         reported.add(message)
         rank_zero_info(f"fwlab: CUDA graphs: {message}")
+
+
+def keep_gradients_out_of_graph_buffers(
+    parameters: list[nn.Parameter],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks on ``parameters`` that copy a gradient autograd would otherwise take as it is.
+
+    A captured backward pass (``torch.cuda.make_graphed_callables``) hands out each parameter's
+    gradient as its graph's output buffer, detached; where the parameter has no gradient yet,
+    autograd makes that tensor the gradient without a copy. The next replay then overwrites it,
+    and autograd adds the buffer to itself: with gradients accumulated over several batches
+    (``trainer.accumulate_grad_batches``) or zeroed in place (:class:`GraphedSteps`), the
+    earlier batches' share is lost and the new one doubled. The copy is made only then (the
+    parameter without a gradient); a gradient that exists is added to in place."""
+
+    def copy_if_taken(parameter: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda grad: grad.clone() if parameter.grad is None else grad
+
+    return [parameter.register_hook(copy_if_taken(parameter)) for parameter in parameters]
 
 
 class _Pass(nn.Module):
@@ -75,6 +93,7 @@ class GraphedNetwork:
         self.reported: set[str] = set()
         self.failed: set[str] = set()  # "train" / "eval": capture failed, stay eager
         self.captured_storage: tuple[int, ...] | None = None
+        self.gradient_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _storage(self) -> tuple[int, ...]:
         """Where the parameters and buffers live: a graph reads them there."""
@@ -126,6 +145,10 @@ class GraphedNetwork:
                 return self._fallback(f"training capture failed ({error})", inputs)
             self.training_graph = (shape, graphed)
             self.captured_storage = self._storage()
+            for handle in self.gradient_hooks:  # those of the weights captured before
+                handle.remove()
+            parameters = [p for p in self.modules.parameters() if p.requires_grad]
+            self.gradient_hooks = keep_gradients_out_of_graph_buffers(parameters)
             rank_zero_info(f"fwlab: CUDA graphs: captured forward+backward for inputs {shape}")
         captured_shape, graphed = self.training_graph
         if shape != captured_shape:
@@ -178,8 +201,8 @@ class GraphedSteps:
     eagerly and the next is captured again; after :data:`MAX_STEP_CAPTURES` captures the update
     stays eager, and so it does if capture fails, each with its reason logged once. The first
     step is eager too: it makes the optimiser's state, which the graph then reads. Gradients are
-    zeroed in place rather than set to ``None``, so that they keep their addresses, each in
-    storage of its own (see :meth:`_own_the_gradients`).
+    zeroed in place rather than set to ``None``, so that they keep their addresses (each in
+    storage of its own: see :func:`keep_gradients_out_of_graph_buffers`).
     """
 
     step_graph: Callable[[], None] | None  # replays the captured update
@@ -193,7 +216,6 @@ class GraphedSteps:
         self._key_after_eager_step: tuple | None = None
         self._reported: set[str] = set()
         self._capturable = self.defaults.get("capturable", False)
-        self._own_gradients: dict[int, weakref.ref[torch.Tensor]] = {}  # made by zero_grad
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -206,21 +228,7 @@ class GraphedSteps:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place whatever ``set_to_none`` says: the graph reads them where
         they are."""
-        self._own_the_gradients()
         super().zero_grad(set_to_none=False)  # type: ignore[misc]
-
-    def _own_the_gradients(self) -> None:
-        """Give each gradient not yet seen here storage of its own (a copy). Where a parameter
-        has no gradient, autograd takes the new one without a copy, which from a captured
-        backward pass (``GraphedNetwork``) is the graph's output buffer: zeroed in place, the
-        next replay would overwrite it and autograd then add it to itself."""
-        for group in self.param_groups:
-            for parameter in group["params"]:
-                grad = parameter.grad
-                seen = self._own_gradients.get(id(grad))
-                if grad is not None and (seen is None or seen() is not grad):
-                    parameter.grad = grad = grad.clone()
-                    self._own_gradients[id(grad)] = weakref.ref(grad)
 
     def state_dict(self) -> dict[str, Any]:
         """The state as an eager optimiser's (``capturable`` off, step counts on the CPU), so a
@@ -275,7 +283,6 @@ class GraphedSteps:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_UNCAPTURED_WARNING)
                 eager_step()
-            self._own_the_gradients()  # now, so that they are where the next step finds them
             self._key_after_eager_step = self._tensors_and_settings()
             return
         if self.step_captures == MAX_STEP_CAPTURES:

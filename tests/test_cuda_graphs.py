@@ -19,7 +19,11 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fwlab.config import compose
-from fwlab.cuda_graphs import MAX_STEP_CAPTURES, GraphedSteps
+from fwlab.cuda_graphs import (
+    MAX_STEP_CAPTURES,
+    GraphedSteps,
+    keep_gradients_out_of_graph_buffers,
+)
 from fwlab.optim import OptimConfig, make_optimizer
 from fwlab.registry import Registry
 from fwlab.training import build_model_and_data
@@ -95,6 +99,23 @@ def test_captured_evaluation_gives_the_eager_outputs_and_other_shapes_fall_back(
     torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shorter, eager[:5], rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_gradients_accumulate_over_batches_through_the_captured_pass():
+    """As with ``trainer.accumulate_grad_batches``: backward passes without zeroing between."""
+    grads = {}
+    for graphs in (False, True):
+        model, data = build("lstm", graphs, "cuda")
+        model.train()
+        batches = iter(data.train_dataloader())
+        for _ in range(3):  # with graphs: the first captures, the others replay
+            inputs, targets = (t.cuda() for t in next(batches)[:2])
+            model.target.loss(model(inputs), targets).backward()
+        grads[graphs] = [parameter.grad.clone() for parameter in model.parameters()]
+    assert model.graphs.training_graph is not None, f"not captured: {model.graphs.reported}"
+    for graphed, eager in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-6)
 
 
 def test_on_the_cpu_the_switch_changes_nothing():
@@ -280,10 +301,37 @@ class StaticGradient(torch.autograd.Function):
         return None, ctx.buffer.detach(), None
 
 
-def test_gradients_from_a_captured_backward_pass_are_not_added_twice():
+def accumulated_gradient(guarded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w``'s gradient over two batches without zeroing in between, through
+    :class:`StaticGradient` (with the hooks of ``keep_gradients_out_of_graph_buffers`` where
+    ``guarded``), and the sum of the two batches' gradients computed apart."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 1))
+    buffer = torch.empty(4, 1)
+    batches = [torch.randn(8, 4) for _ in range(2)]
+    if guarded:
+        keep_gradients_out_of_graph_buffers([weight])
+    for inputs in batches:
+        StaticGradient.apply(inputs, weight, buffer).sum().backward()
+    expected = sum(inputs.T @ torch.ones(8, 1) for inputs in batches)
+    return weight.grad, expected
+
+
+def test_gradients_accumulate_through_a_captured_backward_pass():
+    grad, expected = accumulated_gradient(guarded=False)
+    # what the hooks are for: without them the first batch's share is lost, the second doubled
+    assert not torch.allclose(grad, expected)
+    grad, expected = accumulated_gradient(guarded=True)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_graphed_steps_take_each_gradient_of_a_captured_backward_pass_once():
+    """Zeroed in place, a gradient that were the captured pass's buffer would double."""
+
     def fit(optimizer_class) -> list[torch.Tensor]:
         torch.manual_seed(0)
         weight = nn.Parameter(torch.randn(4, 1))
+        keep_gradients_out_of_graph_buffers([weight])  # as GraphedNetwork does
         inputs, targets, buffer = torch.randn(32, 4), torch.randn(32, 1), torch.empty(4, 1)
         optimizer, grads = optimizer_class([weight], lr=0.05), []
 
