@@ -215,7 +215,6 @@ class GraphedSteps:
         self._graph_key: tuple | None = None
         self._key_after_eager_step: tuple | None = None
         self._reported: set[str] = set()
-        self._capturable = self.defaults.get("capturable", False)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -246,9 +245,10 @@ class GraphedSteps:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        capturable = self.defaults.get("capturable", False)  # as constructed
         for group in self.param_groups:
-            group["capturable"] = self._capturable
-        if self._capturable:  # the capturable mode keeps step counts on the parameters' device
+            group["capturable"] = capturable
+        if capturable:  # the capturable mode keeps step counts on the parameters' device
             for parameter, entry in self.state.items():
                 if isinstance(entry.get("step"), torch.Tensor):
                     entry["step"] = entry["step"].to(parameter.device)

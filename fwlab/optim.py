@@ -37,8 +37,9 @@ def make_optimizer(
     one CUDA device) where the optimiser has a capturable mode, and eagerly, saying so, where it
     has none."""
     if config.name not in _OPTIMIZERS:
+        *others, last = _OPTIMIZERS
         raise ConfigError(
-            f"optim.name='{config.name}' is not known: expected adam, adamw, rmsprop or sgd"
+            f"optim.name='{config.name}' is not known: expected {', '.join(others)} or {last}"
         )
     optimizer_class = _OPTIMIZERS[config.name]
     options = {"lr": config.lr, "weight_decay": config.weight_decay}
