@@ -11,6 +11,9 @@ for the batch shape it meets first:
   and the metrics are unchanged);
 - in evaluation, the forward pass under ``torch.no_grad``.
 
+Capture's warm-up passes leave the modules' buffers (a batch norm's running statistics) as they
+found them (:func:`buffers_kept`), so the first replay is the first step.
+
 Anything else runs eagerly: another batch shape (the short last batch of an epoch), the CPU,
 several processes (DDP's gradient hooks are not captured), or a network whose capture fails
 (e.g. one that reads a value back to the CPU mid-pass); the first fallback of each kind is
@@ -25,10 +28,11 @@ captured on one device in one process only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,6 +64,26 @@ def keep_gradients_out_of_graph_buffers(
         return lambda grad: grad.clone() if parameter.grad is None else grad
 
     return [parameter.register_hook(copy_if_taken(parameter)) for parameter in parameters]
+
+
+@contextlib.contextmanager
+def buffers_kept(modules: nn.Module) -> Iterator[None]:
+    """Puts ``modules``' buffers back, in place, to what they hold on entry.
+
+    Capture runs the network a few times first: ``make_graphed_callables`` three warm-up passes
+    in training, :class:`GraphedNetwork` two in evaluation. Each would count as a step for the
+    state that a pass updates, such as a batch norm's running statistics and its count of
+    batches (``bn_lstm``'s moved 27% of the way to the first batch's before its first step).
+    Restored, the first replay is the first step, as it is eagerly. In place, because a graph
+    reads the buffers where they are."""
+    buffers = list(modules.buffers())
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
 
 
 class _Pass(nn.Module):
@@ -137,9 +161,10 @@ class GraphedNetwork:
         shape = tuple(inputs.shape)
         if self.training_graph is None:
             try:
-                graphed = torch.cuda.make_graphed_callables(
-                    _Pass(self.function, self.modules), (inputs.clone(),)
-                )
+                with buffers_kept(self.modules):
+                    graphed = torch.cuda.make_graphed_callables(
+                        _Pass(self.function, self.modules), (inputs.clone(),)
+                    )
             except Exception as error:  # noqa: BLE001 - any capture failure means eager
                 self.failed.add("train")
                 return self._fallback(f"training capture failed ({error})", inputs)
@@ -160,15 +185,16 @@ class GraphedNetwork:
         if self.eval_graph is None:
             try:
                 static_inputs = inputs.clone()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up outside the graph, as capture requires
-                        self.function(static_inputs)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_outputs = self.function(static_inputs)
+                with buffers_kept(self.modules):
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):  # warm-up outside the graph, as capture requires
+                            self.function(static_inputs)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_outputs = self.function(static_inputs)
             except Exception as error:  # noqa: BLE001
                 self.failed.add("eval")
                 return self._fallback(f"evaluation capture failed ({error})", inputs)

@@ -22,6 +22,7 @@ from fwlab.config import compose
 from fwlab.cuda_graphs import (
     MAX_STEP_CAPTURES,
     GraphedSteps,
+    buffers_kept,
     keep_gradients_out_of_graph_buffers,
 )
 from fwlab.optim import OptimConfig, make_optimizer
@@ -71,10 +72,15 @@ def train_losses(cell: str, graphs: bool, device: str, steps: int = 6, **model_o
 @needs_cuda
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_captured_training_step_gives_the_eager_loss_sequence(cell):
-    eager, _ = train_losses(cell, graphs=False, device="cuda")
+    eager, eager_model = train_losses(cell, graphs=False, device="cuda")
     graphed, model = train_losses(cell, graphs=True, device="cuda")
     assert model.graphs.training_graph is not None, f"not captured: {model.graphs.reported}"
     assert graphed == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    # and the state the passes update (bn_lstm's running statistics): capture's warm-up passes
+    # are not steps
+    buffers = zip(model.named_buffers(), eager_model.named_buffers(), strict=True)
+    for (name, graphed_buffer), (_, eager_buffer) in buffers:
+        torch.testing.assert_close(graphed_buffer, eager_buffer, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @needs_cuda
@@ -124,6 +130,32 @@ def test_on_the_cpu_the_switch_changes_nothing():
         train_losses("lstm", False, "cpu", 3),
     )
     assert on == off and model.graphs.training_graph is None
+
+
+def test_passes_inside_buffers_kept_leave_bn_lstms_running_statistics_as_they_were():
+    """What capture's warm-up passes run in: the network's own passes, in training."""
+    model, data = build("bn_lstm", graphs=True, device="cpu")
+    model.train()
+    modules = model.graphs.modules
+    before = [buffer.clone() for buffer in modules.buffers()]
+    addresses = [buffer.data_ptr() for buffer in modules.buffers()]
+    inputs = next(iter(data.train_dataloader()))[0]
+    with buffers_kept(modules):
+        for _ in range(3):
+            model.graphs.function(inputs)
+        moved = [not torch.equal(b, old) for b, old in zip(modules.buffers(), before, strict=True)]
+    assert len(before) >= 3 and all(moved)  # running mean and variance, count of batches
+    for buffer, old in zip(modules.buffers(), before, strict=True):
+        assert torch.equal(buffer, old)
+    assert [buffer.data_ptr() for buffer in modules.buffers()] == addresses  # in place
+
+
+def test_buffers_kept_puts_them_back_when_the_capture_fails():
+    norm = nn.BatchNorm1d(3)
+    with pytest.raises(RuntimeError, match="capture failed"), buffers_kept(norm):
+        norm(torch.randn(8, 3) + 5)
+        raise RuntimeError("capture failed")
+    assert torch.equal(norm.running_mean, torch.zeros(3)) and norm.num_batches_tracked == 0
 
 
 @needs_cuda
