@@ -70,10 +70,10 @@ def keep_gradients_out_of_graph_buffers(
 def buffers_kept(modules: nn.Module) -> Iterator[None]:
     """Puts ``modules``' buffers back, in place, to what they hold on entry.
 
-    Capture runs the network a few times first: ``make_graphed_callables`` three warm-up passes
-    in training, :class:`GraphedNetwork` two in evaluation. Each would count as a step for the
-    state that a pass updates, such as a batch norm's running statistics and its count of
-    batches (``bn_lstm``'s moved 27% of the way to the first batch's before its first step).
+    Capture runs the network a few times first: ``make_graphed_callables`` runs three warm-up
+    passes in training, :class:`GraphedNetwork` two in evaluation. Each would count as a step
+    for the state that a pass updates, such as a batch norm's running statistics and its count
+    of batches (``bn_lstm``'s moved 27% of the way to the first batch's before its first step).
     Restored, the first replay is the first step, as it is eagerly. In place, because a graph
     reads the buffers where they are."""
     buffers = list(modules.buffers())
