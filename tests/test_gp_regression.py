@@ -35,6 +35,44 @@ def test_posterior_mean_against_a_hand_checked_case():
     assert means[0, 0] == 0.0 and abs(means[0, 1].item() - expected) < 1e-12
 
 
+def _posterior_means_by_solves(x: torch.Tensor, y: torch.Tensor, config) -> torch.Tensor:
+    """The definition, a solve per episode and step: μ_t = k(x_t, X_<t) (K_<t + σ_n² I)⁻¹ y_<t."""
+    means = torch.zeros_like(y)
+    for n in range(x.shape[0]):
+        for t in range(1, x.shape[1]):
+            past = x[n, :t].unsqueeze(0)
+            gram = rbf_kernel(past, past, config.lengthscale, config.signal_std)[0]
+            point = x[n, t : t + 1].unsqueeze(0)
+            cross = rbf_kernel(point, past, config.lengthscale, config.signal_std)[0, 0]
+            noisy = gram + config.noise_std**2 * torch.eye(t, dtype=x.dtype)
+            means[n, t] = cross @ torch.linalg.solve(noisy, y[n, :t])
+    return means
+
+
+def test_posterior_means_from_one_factorisation_agree_with_a_solve_per_step():
+    torch.manual_seed(0)
+    config = GPRegressionConfig(lengthscale=0.8, signal_std=1.3, noise_std=0.2)
+    x = 10 * torch.rand(6, 12, dtype=torch.float64) - 5
+    y = torch.randn(6, 12, dtype=torch.float64)
+    means = posterior_means(x, y, config)
+    torch.testing.assert_close(means, _posterior_means_by_solves(x, y, config), rtol=0, atol=1e-10)
+    assert torch.all(means[:, 0] == 0)  # the prior mean before any point
+
+
+def test_noiseless_episodes_have_finite_baselines():
+    # σ_n = 0: the kernel of 50 points in [−5, 5] at ℓ = 1 alone is numerically singular
+    inputs, targets, baseline = generate(50, GPRegressionConfig(noise_std=0.0), "train")
+    assert torch.isfinite(baseline).all()
+
+
+def test_generate_gives_every_episode_its_own_baseline_across_chunks():
+    """More episodes than one chunk: the baselines line up with their episodes."""
+    config = GPRegressionConfig(episode_length=4)
+    inputs, targets, baseline = generate(2500, config, "val")
+    x, y = inputs[..., 0].double(), targets.double()
+    torch.testing.assert_close(baseline, posterior_means(x, y, config).float())
+
+
 def test_samples_have_the_kernels_covariance():
     config = GPRegressionConfig(episode_length=3, noise_std=0.0, lengthscale=0.7, signal_std=1.5)
     inputs, targets, _ = generate(20_000, config, "train")

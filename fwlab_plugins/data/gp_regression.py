@@ -17,6 +17,7 @@ shipped with every batch so that the model's error is logged beside the baseline
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from fwlab.datamodule import DataConfig, DataModule
 from fwlab.spec import DataSpec
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+SAMPLING_JITTER = 1e-6  # added to the kernel's diagonal so that its Cholesky factor exists
+_EPISODES_PER_CHUNK = 1024
 
 
 @dataclass
@@ -52,16 +55,25 @@ def rbf_kernel(
 
 
 def posterior_means(x: torch.Tensor, y: torch.Tensor, config: GPRegressionConfig) -> torch.Tensor:
-    """μ_t for every step: the GP posterior mean at x_t given (x_<t, y_<t), (N, T) float64."""
-    means = torch.zeros_like(y)
-    for t in range(1, x.shape[1]):
-        past_x, past_y = x[:, :t], y[:, :t]
-        gram = rbf_kernel(past_x, past_x, config.lengthscale, config.signal_std)
-        gram = gram + config.noise_std**2 * torch.eye(t, dtype=x.dtype)
-        cross = rbf_kernel(x[:, t : t + 1], past_x, config.lengthscale, config.signal_std)
-        weights = torch.linalg.solve(gram, past_y.unsqueeze(-1))  # (N, t, 1)
-        means[:, t] = (cross @ weights).squeeze(-1).squeeze(-1)
-    return means
+    """μ_t for every step: the GP posterior mean at x_t given (x_<t, y_<t), (N, T) float64.
+
+    All steps from one Cholesky factorisation per episode, L Lᵀ = K + σ_n² I over the whole
+    episode, and z = L⁻¹ y. L's leading t×t block is the factor of K_<t + σ_n² I, so z's first t
+    entries are that block's L_<t⁻¹ y_<t; and L's row t gives k(x_t, X_<t) = L[t, <t] L_<tᵀ (the
+    noise is on the diagonal only). Hence
+
+        μ_t = L[t, <t] L_<tᵀ (L_<t L_<tᵀ)⁻¹ y_<t = L[t, <t] z_<t,
+
+    the strictly lower part of L times z: O(T³) per episode, where a solve per step is O(T⁴)
+    (at the default sizes the datamodule's setup took 62 s on 2 CPU cores that way, 1.4 s this
+    way). A noise below the sampler's jitter is taken as the jitter, the smallest noise the draws
+    have, so that σ_n = 0 stays defined."""
+    steps = x.shape[1]
+    noise = max(config.noise_std**2, SAMPLING_JITTER)
+    gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
+    cholesky = torch.linalg.cholesky(gram + noise * torch.eye(steps, dtype=x.dtype))
+    z = torch.linalg.solve_triangular(cholesky, y.unsqueeze(-1), upper=False)
+    return (cholesky.tril(-1) @ z).squeeze(-1)  # row 0 is empty: μ_0 = 0, the prior mean
 
 
 def generate(
@@ -72,18 +84,31 @@ def generate(
     steps = config.episode_length
     x = torch.rand(count, steps, generator=generator, dtype=torch.float64)
     x = config.x_low + (config.x_high - config.x_low) * x
-    gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
-    jitter = 1e-6 * torch.eye(steps, dtype=torch.float64)
-    cholesky = torch.linalg.cholesky(gram + jitter)
-    function = (
-        cholesky @ torch.randn(count, steps, 1, generator=generator, dtype=torch.float64)
-    ).squeeze(-1)
+    jitter = SAMPLING_JITTER * torch.eye(steps, dtype=torch.float64)
+
+    def draw(x: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
+        return (torch.linalg.cholesky(gram + jitter) @ normals).squeeze(-1)
+
+    normals = torch.randn(count, steps, 1, generator=generator, dtype=torch.float64)
+    function = _by_episode_chunks(draw, x, normals)
     y = function + config.noise_std * torch.randn(
         count, steps, generator=generator, dtype=torch.float64
     )
     previous_y = torch.cat([torch.zeros(count, 1, dtype=torch.float64), y[:, :-1]], dim=1)
     inputs = torch.stack([x, previous_y], dim=-1)
-    return inputs.float(), y.float(), posterior_means(x, y, config).float()
+    means = _by_episode_chunks(lambda x, y: posterior_means(x, y, config), x, y)
+    return inputs.float(), y.float(), means.float()
+
+
+def _by_episode_chunks(
+    function: Callable[..., torch.Tensor], *tensors: torch.Tensor
+) -> torch.Tensor:
+    """``function`` of the tensors' episodes (their first axis) a chunk at a time, concatenated:
+    a chunk's (n, T, T) temporaries take 20 MB each at T = 50, those of 20,000 episodes at once
+    400 MB, and generating those episodes took 6.5 s at once against 1.3 s by chunks."""
+    chunks = zip(*(tensor.split(_EPISODES_PER_CHUNK) for tensor in tensors))
+    return torch.cat([function(*chunk) for chunk in chunks])
 
 
 class GPRegressionDataModule(DataModule):
