@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fwlab import trainer_arguments
 from fwlab.errors import ConfigError
 from fwlab.optim import OptimConfig
 from fwlab.registry import Registry
@@ -195,12 +195,6 @@ def _unknown_key(path: str, source: str, candidates: Iterable[str]) -> None:
     raise ConfigError(f"unknown config key '{path}' (from {source}){hint}")
 
 
-def _trainer_arguments() -> set[str]:
-    import lightning
-
-    return set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
-
-
 def check_keys(fragment: dict[str, Any], config: DictConfig, source: str) -> None:
     """Raise :class:`ConfigError` for the first key of ``fragment`` that the schema lacks."""
     every_key = _dotted_keys(config)
@@ -224,8 +218,10 @@ def check_keys(fragment: dict[str, Any], config: DictConfig, source: str) -> Non
 
 
 def check_trainer_keys(values: dict[str, Any], source: str) -> None:
-    allowed = _trainer_arguments()
-    for key in values:
+    """Raise :class:`ConfigError` for the first ``trainer.*`` key that fwlab sets itself or
+    that ``lightning.Trainer`` lacks, or whose value its annotation refuses."""
+    allowed = set(trainer_arguments.annotations())
+    for key, value in values.items():
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(
                 f"trainer.{key} (from {source}) is set by fwlab: {RESERVED_TRAINER_KEYS[key]}"
@@ -237,6 +233,12 @@ def check_trainer_keys(values: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"unknown config key 'trainer.{key}' (from {source}): not an argument of "
                 f"lightning.Trainer{hint}"
+            )
+        problem = trainer_arguments.value_problem(key, value)
+        if problem is not None:
+            raise ConfigError(
+                f"bad value for 'trainer.{key}' (from {source}): lightning.Trainer's {key} "
+                f"{problem}"
             )
 
 

@@ -78,6 +78,55 @@ def test_a_value_of_the_wrong_type_names_the_key():
         make("model.kernel=cuda", model="irnn")
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_steps=abc", "max_steps takes an integer, not 'abc'"),
+        ("trainer.max_steps=true", "max_steps takes an integer, not True"),
+        ("trainer.max_epochs=2.5", "max_epochs takes an integer or null, not 2.5"),
+        ("trainer.precision=17", "precision takes one of 64, 32, 16, "),
+        ("trainer.devices=[a]", "devices takes a list of integers or a string or an integer"),
+        ("trainer.enable_progress_bar=1", "enable_progress_bar takes true or false or null"),
+        ("trainer.max_time={days: x}", "max_time takes a string or a mapping or null"),
+    ],
+)
+def test_a_trainer_value_lightning_cannot_take_names_the_key_and_what_it_takes(override, expected):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError) as error:
+        make(override)
+    message = str(error.value)
+    assert message.startswith(f"bad value for '{key}' (from the command line): lightning.Trainer")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_epochs=null",
+        "trainer.precision=16-mixed",
+        "trainer.precision=bf16",
+        "trainer.precision=32",
+        "trainer.devices=[0,1]",
+        "trainer.devices=auto",
+        "trainer.gradient_clip_val=1",  # an integer where a number is taken
+        "trainer.val_check_interval=0.25",
+        "trainer.max_time=00:12:00:00",
+        "trainer.max_time={days: 1}",
+        "trainer.deterministic=warn",
+        "trainer.max_steps=${seed}",  # resolved later
+    ],
+)
+def test_trainer_values_lightning_takes_pass(override):
+    make(override)
+
+
+def test_a_trainer_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  max_epochs: ten\n")
+    with pytest.raises(ConfigError, match=f"'trainer.max_epochs' \\(from {path}\\)"):
+        make(config_files=[path])
+
+
 def test_keys_fwlab_sets_itself_are_refused_with_the_alternative():
     with pytest.raises(ConfigError, match="trainer.logger.*logger=wandb\\|csv\\|none"):
         make("trainer.logger=false")
@@ -137,12 +186,19 @@ def test_there_are_experiment_presets():
     assert group_choices("experiment")
 
 
-def test_cli_reports_config_errors_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.hiden_size=3", ["model.hiden_size", "model.hidden_size"]),
+        ("trainer.max_steps=abc", ["'trainer.max_steps'", "takes an integer, not 'abc'"]),
+    ],
+)
+def test_cli_reports_config_errors_and_writes_nothing(tmp_path, override, expected):
     result = run_fwlab(
-        "fit", "--model", "fast_weights", "--data", "retrieval", "model.hiden_size=3", cwd=tmp_path
+        "fit", "--model", "fast_weights", "--data", "retrieval", override, cwd=tmp_path
     )
     assert result.returncode == 2
-    assert "model.hiden_size" in result.stderr and "model.hidden_size" in result.stderr
+    assert all(text in result.stderr for text in expected), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
 
