@@ -223,7 +223,7 @@ def run(invocation: Invocation) -> int:
         config_path = _write_new(run_dir / CONFIG_FILE, to_yaml(config))
         os.environ[RUN_DIR_ENV_VAR] = str(run_dir)  # inherited by the ranks Lightning launches
     try:
-        return _train_and_evaluate(
+        status = _train_and_evaluate(
             invocation,
             config,
             plain,
@@ -237,6 +237,18 @@ def run(invocation: Invocation) -> int:
     finally:
         if not inherited:
             os.environ.pop(RUN_DIR_ENV_VAR, None)
+    release_process_group()
+    return status
+
+
+def release_process_group() -> None:
+    """Destroy the process group a distributed run set up, once the run is done with it.
+
+    Lightning leaves the group alive (a later fit or test in the process may use it), so it was
+    left to the interpreter's exit to tear down; a test's DDP task whose group was left so once
+    ended in SIGABRT ("terminate called without an active exception") instead of exiting 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _train_and_evaluate(

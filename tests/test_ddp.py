@@ -19,11 +19,14 @@ from fwlab.training import build_model_and_data
 from .conftest import read_results, run_fwlab
 from .test_compatibility_matrix import PAIRS, REGISTRY, tiny_config
 
-# A datamodule plugin that records, per process, the examples its real loaders read.
+# A datamodule plugin that records, per process, the examples its real loaders read, and
+# whether the process group is still alive as the process exits.
 RECORDING_PLUGIN = textwrap.dedent(
     """
-    import json, os
+    import atexit, json, os
     from pathlib import Path
+
+    import torch.distributed as dist
 
     from fwlab import register
     from fwlab_plugins.data.retrieval import AssociativeRetrievalDataModule
@@ -32,6 +35,12 @@ RECORDING_PLUGIN = textwrap.dedent(
     @register("data", "recorded_retrieval")
     class RecordedRetrieval(AssociativeRetrievalDataModule):
         \"\"\"Retrieval that writes the indices each process reads.\"\"\"
+
+        def setup(self, stage=None):
+            super().setup(stage)
+            if self.trainer is not None and dist.is_initialized():  # once, in Lightning's call
+                out = Path(os.environ["FWLAB_RUN_DIR"]) / f"group-at-exit-{dist.get_rank()}"
+                atexit.register(lambda: out.write_text(str(dist.is_initialized())))
 
         def _loader(self, split):
             loader = super()._loader(split)
@@ -98,6 +107,8 @@ def test_two_ddp_processes_log_the_metrics_of_one_on_disjoint_shards(tmp_path):
         assert sorted(shards[0] + shards[1]) == list(range(size)), f"{split} lost examples"
     assert len(list(ddp_dir.glob("results*.json"))) == 1  # written once, by rank zero
     assert len(list(ddp_dir.glob("config*.yaml"))) == 1
+    # each process released its group before exiting (release_process_group)
+    assert [(ddp_dir / f"group-at-exit-{r}").read_text() for r in (0, 1)] == ["False", "False"]
 
 
 def fake_trainer(world_size: int, rank: int) -> SimpleNamespace:

@@ -200,6 +200,7 @@ import lightning as L
 
 sys.path.insert(0, {str(REPO)!r})
 from fwlab.requeue import RequeueAtBatchEnd
+from fwlab.training import release_process_group
 from tests.test_slurm import SignalledAfterAnOptimizerStep
 
 trainer = L.Trainer(max_steps=6, limit_val_batches=0, accelerator="cpu", devices=2,
@@ -208,6 +209,7 @@ trainer = L.Trainer(max_steps=6, limit_val_batches=0, accelerator="cpu", devices
                     default_root_dir=sys.argv[1], callbacks=[RequeueAtBatchEnd()])
 trainer.fit(SignalledAfterAnOptimizerStep(at=2, rank=1))
 print("global_step", trainer.global_step)
+release_process_group()  # as fwlab's run does when done
 """
 
 
