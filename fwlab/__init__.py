@@ -3,6 +3,7 @@
 The public pieces a plugin needs are importable from here.
 """
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.errors import ConfigError, FwlabError, IncompatibleError, RegistryError
@@ -20,6 +21,7 @@ __all__ = [
     "IncompatibleError",
     "Registry",
     "RegistryError",
+    "bounded",
     "default_registry",
     "register",
 ]

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from fwlab.bounds import bounded
 from fwlab.spec import DataSpec
 
 
@@ -36,7 +37,8 @@ from fwlab.spec import DataSpec
 class CellConfig:
     """Fields every cell has; a cell's own config subclasses this."""
 
-    hidden_size: int = 100  # number of recurrent units (R in Ba et al.'s Table 1)
+    # number of recurrent units (R in Ba et al.'s Table 1)
+    hidden_size: int = bounded(100, at_least=1)
 
 
 class Cell(nn.Module, ABC):

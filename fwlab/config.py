@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fwlab import trainer_arguments
+from fwlab.bounds import bounds_of
 from fwlab.errors import ConfigError
 from fwlab.optim import OptimConfig
 from fwlab.registry import Registry
@@ -133,10 +134,10 @@ def _dataclass_fields(config_cls: type, skip: set[str]) -> list[tuple[str, Any, 
     for f in dataclasses.fields(config_cls):
         if f.name in skip:
             continue
-        default = (
-            field(default_factory=f.default_factory)
+        default = (  # with the field's metadata: its bounds, if it has any
+            field(default_factory=f.default_factory, metadata=f.metadata)
             if f.default_factory is not dataclasses.MISSING
-            else field(default=f.default)
+            else field(default=f.default, metadata=f.metadata)
         )
         result.append((f.name, hints[f.name], default))
     return result
@@ -243,14 +244,40 @@ def check_trainer_keys(values: dict[str, Any], source: str) -> None:
 
 
 def merge_checked(config: DictConfig, fragment: dict[str, Any], source: str) -> DictConfig:
-    """Merge ``fragment`` into ``config`` after checking its keys; bad values name the key."""
+    """Merge ``fragment`` into ``config`` after checking its keys; bad values (of the wrong type,
+    or outside a field's bounds) name the key."""
     check_keys(fragment, config, source)
     try:
-        return OmegaConf.merge(config, fragment)  # type: ignore[return-value]
+        merged = OmegaConf.merge(config, fragment)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         message = str(error).splitlines()[0]
         raise ConfigError(f"bad value for '{key}' (from {source}): {message}") from None
+    assert isinstance(merged, DictConfig)
+    _check_bounds(merged, fragment, source)
+    return merged
+
+
+def _check_bounds(config: DictConfig, fragment: dict[str, Any], source: str) -> None:
+    """Raise :class:`ConfigError` for the first value ``fragment`` sets in a section of
+    ``config`` (``model``, ``data``, ``optim``, ...) outside the bounds its field declares
+    (:func:`fwlab.bounds.bounded`)."""
+    for section, values in fragment.items():
+        schema = OmegaConf.get_type(config, section) if section in config else None
+        if not (isinstance(values, dict) and dataclasses.is_dataclass(schema)):
+            continue
+        for schema_field in dataclasses.fields(schema):
+            bounds = bounds_of(schema_field)
+            if bounds is None or schema_field.name not in values:
+                continue
+            try:
+                value = config[section][schema_field.name]
+            except OmegaConfBaseException:  # an interpolation not resolvable yet
+                continue
+            problem = bounds.problem(value)
+            if problem is not None:
+                key = f"{section}.{schema_field.name}"
+                raise ConfigError(f"bad value for '{key}' (from {source}): {problem}")
 
 
 # -- overrides ----------------------------------------------------------------------------------

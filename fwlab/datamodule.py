@@ -37,6 +37,7 @@ import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from fwlab.bounds import bounded
 from fwlab.spec import DataSpec
 
 
@@ -64,8 +65,8 @@ def shard_sampler(dataset: Dataset, split: str, trainer: L.Trainer | None) -> Sa
 class DataConfig:
     """Fields every datamodule has; a datamodule's own config subclasses this."""
 
-    batch_size: int = 128
-    num_workers: int = 0  # DataLoader worker processes
+    batch_size: int = bounded(128, at_least=1)
+    num_workers: int = bounded(0, at_least=0)  # DataLoader worker processes
     seed: int = 1234  # the data's own seed: fixed splits, independent of the run's seed
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from fwlab.bounds import bounded
 from fwlab.cuda_graphs import graphed_steps_class
 from fwlab.errors import ConfigError
 
@@ -15,9 +16,9 @@ from fwlab.errors import ConfigError
 @dataclass
 class OptimConfig:
     name: str = "adam"  # adam | adamw | rmsprop | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0  # rmsprop and sgd only
+    lr: float = bounded(1e-3, above=0.0)
+    weight_decay: float = bounded(0.0, at_least=0.0)
+    momentum: float = bounded(0.0, at_least=0.0)  # rmsprop and sgd only
 
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -62,3 +62,12 @@ def test_the_installed_example_is_listed_and_trains(tmp_path):
     run_dir = only_run_dir(tmp_path)
     assert "recurrent_init_scale" in (run_dir / "config.yaml").read_text()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+
+    # the plugin's own bound (bounded(1.0, above=0.0)) stops a run before anything is written
+    refused = run_fwlab("fit", "--model", "elman", "--data", "retrieval",
+                        "model.recurrent_init_scale=0", "output_dir=refused", cwd=tmp_path,
+                        env=env)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    message = "bad value for 'model.recurrent_init_scale' (from the command line): must be above 0"
+    assert message in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fwlab import Cell, CellConfig
+from fwlab import Cell, CellConfig, bounded
 
 
 class ElmanState(NamedTuple):
@@ -15,7 +15,8 @@ class ElmanState(NamedTuple):
 
 @dataclass
 class ElmanConfig(CellConfig):  # hidden_size comes from CellConfig
-    recurrent_init_scale: float = 1.0  # W_h starts as this times an orthogonal matrix
+    # W_h starts as this times an orthogonal matrix; model.recurrent_init_scale=0 is refused
+    recurrent_init_scale: float = bounded(1.0, above=0.0)
 
 
 class ElmanCell(Cell):

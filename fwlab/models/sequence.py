@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchmetrics import MeanMetric
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell
 from fwlab.config import dataclass_from
 from fwlab.cuda_graphs import GraphedNetwork
@@ -32,9 +33,9 @@ SPLITS = ("train", "val", "test")
 class SequenceModelConfig:
     # Width of the learned token embedding or of the linear map of input vectors; 0 feeds
     # one-hot tokens or raw vectors to the cell. Ba et al. embed the 37 tokens in 100 dims.
-    embedding_size: int = 100
+    embedding_size: int = bounded(100, at_least=0)
     # ReLU layer between the cell and the softmax (Ba et al.: 100 units); 0 for none.
-    head_hidden_size: int = 100
+    head_hidden_size: int = bounded(100, at_least=0)
     # Regression targets only: gaussian_nll (the head predicts a mean and a variance) or mse.
     regression_loss: str = "gaussian_nll"
     # On one CUDA device, run training (forward and backward), the optimiser's update and

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
@@ -46,8 +47,10 @@ class BNLSTMState(NamedTuple):
 @dataclass
 class BNLSTMConfig(CellConfig):
     gamma_init: float = 0.1  # initial γ of all three BNs (Cooijmans et al.)
-    max_time_steps: int = 1024  # per-step statistics kept; >= the longest training sequence
-    momentum: float = 0.1  # running-average weight of each training batch's statistics
+    # per-step statistics kept; >= the longest training sequence
+    max_time_steps: int = bounded(1024, at_least=1)
+    # running-average weight of each training batch's statistics
+    momentum: float = bounded(0.1, at_least=0.0, at_most=1.0)
     forget_bias: float = 1.0  # initial b of the forget gate
     recurrence: Recurrence = Recurrence.fused  # fused | stepwise (the autograd reference)
     # the fused node's steps: auto (the C kernel on the CPU where it builds) | c | triton | torch

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
@@ -80,9 +81,11 @@ FastWeightsState = FastWeightsMatrixState | FastWeightsMemoryState
 
 @dataclass
 class FastWeightsConfig(CellConfig):
-    inner_steps: int = 1  # S, iterations of the inner loop (the paper uses 1)
-    decay: float = 0.95  # λ, decay of the fast weights (0.9-0.95 in the paper)
-    fast_learning_rate: float = 0.5  # η; 0 turns the fast weights off (the control run)
+    inner_steps: int = bounded(1, at_least=1)  # S, iterations of the inner loop (the paper uses 1)
+    # λ, decay of the fast weights (0.9-0.95 in the paper)
+    decay: float = bounded(0.95, at_least=0.0, at_most=1.0)
+    # η; 0 turns the fast weights off (the control run)
+    fast_learning_rate: float = bounded(0.5, at_least=0.0)
     layer_norm: bool = True  # LN inside the inner loop
     recurrent_init_scale: float = 0.05  # W initialised to this times the identity
     form: FastWeightsForm = FastWeightsForm.auto  # matrix | memory | auto (cheaper for the shape)
@@ -90,7 +93,7 @@ class FastWeightsConfig(CellConfig):
     # backward pass (activation checkpointing); 0 keeps every step. About √T suits long inputs:
     # 28 for pixel-by-pixel MNIST stores 28 fast-weight matrices per sequence instead of 784.
     # (The fused memory form already keeps O(T·H); chunking it saves nothing.)
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, at_least=0)
     # memory form: fused (one autograd node per sequence) | stepwise (autograd, the reference)
     recurrence: Recurrence = Recurrence.fused
     # fused memory form: auto (the Triton kernel on CUDA where it pays off) | triton | torch

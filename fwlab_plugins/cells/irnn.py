@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.kernels import Kernel
@@ -31,7 +32,7 @@ class IRNNState(NamedTuple):
 @dataclass
 class IRNNConfig(CellConfig):
     recurrent_init_scale: float = 1.0  # W_h = scale · I (Le et al.: 1; < 1 for long tasks)
-    input_init_std: float = 0.001  # W_x ~ N(0, std²)
+    input_init_std: float = bounded(0.001, at_least=0.0)  # W_x ~ N(0, std²)
     # auto (the Triton loop on CUDA where it pays off) | triton | torch (the plain loop)
     kernel: Kernel = Kernel.auto
 

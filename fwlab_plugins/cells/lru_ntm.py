@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
 from fwlab.stepwise_linear import StepwiseLinear
 from fwlab_plugins.cells import kernels
@@ -56,11 +57,11 @@ class LRUNTMState(NamedTuple):
 
 @dataclass
 class LRUNTMConfig(CellConfig):
-    hidden_size: int = 200  # controller LSTM units (Santoro et al.: 200)
-    memory_slots: int = 128  # N
-    memory_width: int = 40  # W
-    read_heads: int = 4  # R; also n, the number of least-used slots
-    usage_decay: float = 0.95  # γ
+    hidden_size: int = bounded(200, at_least=1)  # controller LSTM units (Santoro et al.: 200)
+    memory_slots: int = bounded(128, at_least=1)  # N
+    memory_width: int = bounded(40, at_least=1)  # W
+    read_heads: int = bounded(4, at_least=1)  # R; also n, the number of least-used slots
+    usage_decay: float = bounded(0.95, at_least=0.0, at_most=1.0)  # γ
     # the time loop: auto (the C kernel on the CPU where it builds) | c | triton | torch (the
     # reference)
     kernel: Kernel = Kernel.auto

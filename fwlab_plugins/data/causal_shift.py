@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
@@ -39,15 +40,18 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class CausalShiftConfig(DataConfig):
-    batch_size: int = 1  # episodes per meta-step (the authors update γ after every episode)
-    categories: int = 10  # N, the values each of A and B takes
+    # episodes per meta-step (the authors update γ after every episode)
+    batch_size: int = bounded(1, at_least=1)
+    categories: int = bounded(10, at_least=2)  # N, the values each of A and B takes
     intervention: str = "cause"  # cause | effect: the variable each episode intervenes on
-    concentration: float = 1.0  # c of the Dirichlet priors over every distribution
-    transfer_samples: int = 100  # pairs per episode to adapt on
-    heldout_samples: int = 1000  # further pairs per episode to score the adapted models
-    train_episodes: int = 1000
-    val_episodes: int = 50
-    test_episodes: int = 200
+    # c of the Dirichlet priors over every distribution
+    concentration: float = bounded(1.0, above=0.0)
+    transfer_samples: int = bounded(100, at_least=1)  # pairs per episode to adapt on
+    # further pairs per episode to score the adapted models
+    heldout_samples: int = bounded(1000, at_least=1)
+    train_episodes: int = bounded(1000, at_least=1)
+    val_episodes: int = bounded(50, at_least=1)
+    test_episodes: int = bounded(200, at_least=1)
 
 
 def sample_categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fwlab.bounds import bounded
 from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
 from fwlab_plugins.data.mnist_base import MNISTConfig, MNISTDataModuleBase
@@ -33,8 +34,9 @@ IMAGE_SIZE = 28
 
 @dataclass
 class GlimpsesConfig(MNISTConfig):
-    levels: int = 3  # quad-tree levels: 1, 4, 16, ... regions
-    glimpse_size: int = 7  # each region is pooled to glimpse_size × glimpse_size
+    levels: int = bounded(3, at_least=1)  # quad-tree levels: 1, 4, 16, ... regions
+    # each region is pooled to glimpse_size × glimpse_size
+    glimpse_size: int = bounded(7, at_least=1)
     location: str = "coordinates"  # coordinates | onehot
 
 

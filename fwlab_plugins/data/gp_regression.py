@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.spec import DataSpec
 
@@ -35,15 +36,15 @@ _EPISODES_PER_CHUNK = 1024
 
 @dataclass
 class GPRegressionConfig(DataConfig):
-    episode_length: int = 50  # T points per episode
-    lengthscale: float = 1.0  # ℓ
-    signal_std: float = 1.0  # σ_f
-    noise_std: float = 0.1  # σ_n
+    episode_length: int = bounded(50, at_least=1)  # T points per episode
+    lengthscale: float = bounded(1.0, above=0.0)  # ℓ
+    signal_std: float = bounded(1.0, at_least=0.0)  # σ_f
+    noise_std: float = bounded(0.1, at_least=0.0)  # σ_n
     x_low: float = -5.0
     x_high: float = 5.0
-    train_size: int = 20_000  # episodes
-    val_size: int = 1_000
-    test_size: int = 2_000
+    train_size: int = bounded(20_000, at_least=1)  # episodes
+    val_size: int = bounded(1_000, at_least=1)
+    test_size: int = bounded(2_000, at_least=1)
 
 
 def rbf_kernel(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab_plugins.data.mnist_files import mnist_splits, random_digits, write_idx_set
 
@@ -23,7 +24,8 @@ from fwlab_plugins.data.mnist_files import mnist_splits, random_digits, write_id
 class MNISTConfig(DataConfig):
     root: str = "data/mnist"  # folder of the idx files (or torchvision's MNIST/raw under it)
     download: bool = False  # fetch with torchvision when nothing is found
-    val_size: int = 5000  # validation images taken from the 60,000 training images
+    # validation images taken from the 60,000 training images
+    val_size: int = bounded(5000, at_least=1)
     # train/val/test fractions when the root holds one set only (e.g. the 10,000 test images)
     pool_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
@@ -48,19 +49,20 @@ SPLIT_FILE = "omniglot_split.json"
 
 @dataclass
 class OmniglotConfig(DataConfig):
-    batch_size: int = 16  # episodes per batch (Santoro et al.: 16)
+    batch_size: int = bounded(16, at_least=1)  # episodes per batch (Santoro et al.: 16)
     root: str = "data/omniglot"  # zips or extracted alphabet/character/*.png folders
     download: bool = False  # fetch with torchvision when nothing is found
-    image_size: int = 20  # drawings are resized to image_size × image_size
-    train_class_fraction: float = 0.7394  # 1200 / 1623: Santoro et al.'s split on the full set
+    image_size: int = bounded(20, at_least=1)  # drawings are resized to image_size × image_size
+    # 1200 / 1623: Santoro et al.'s split on the full set
+    train_class_fraction: float = bounded(0.7394, above=0.0, at_most=1.0)
     rotation_classes: bool = True  # 90°, 180°, 270° rotations as new classes
     augment: bool = True  # small random rotations (±10°) and translations (±2 px) in training
-    classes_per_episode: int = 5  # N
-    instances_per_class: int = 10  # K; episode length N·K
+    classes_per_episode: int = bounded(5, at_least=1)  # N
+    instances_per_class: int = bounded(10, at_least=1)  # K; episode length N·K
     labels: str = "onehot"  # onehot | string
-    train_episodes: int = 100_000  # episodes per training epoch
-    val_episodes: int = 1_000
-    test_episodes: int = 1_000
+    train_episodes: int = bounded(100_000, at_least=1)  # episodes per training epoch
+    val_episodes: int = bounded(1_000, at_least=1)
+    test_episodes: int = bounded(1_000, at_least=1)
 
 
 def rotate_quarter(images: np.ndarray, quarter_turns: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
 from fwlab.spec import DataSpec
 
@@ -32,10 +33,11 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 @dataclass
 class RetrievalConfig(DataConfig):
-    num_pairs: int = 4  # K key-value pairs per sequence (at most 26 distinct letter keys)
-    train_size: int = 100_000
-    val_size: int = 10_000
-    test_size: int = 20_000
+    # K key-value pairs per sequence (at most 26 distinct letter keys)
+    num_pairs: int = bounded(4, at_least=1, at_most=26)
+    train_size: int = bounded(100_000, at_least=1)
+    val_size: int = bounded(10_000, at_least=1)
+    test_size: int = bounded(20_000, at_least=1)
 
 
 def generate(

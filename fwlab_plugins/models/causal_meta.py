@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchmetrics import MeanMetric
 
+from fwlab.bounds import bounded
 from fwlab.config import dataclass_from
 from fwlab.errors import IncompatibleError
 from fwlab.metrics import MeanCurve
@@ -51,9 +52,12 @@ BELIEF_KEY = "causal_meta_belief_history"
 
 @dataclass
 class CausalMetaConfig:
-    inner_lr: float = 0.1  # SGD learning rate of the adaptation (the authors': 0.1)
-    inner_steps: int = 2  # adaptation steps per episode in the regret (the authors': 2)
-    inner_batch_size: int = 10  # transfer pairs per adaptation step (the authors': 10)
+    # SGD learning rate of the adaptation (the authors': 0.1)
+    inner_lr: float = bounded(0.1, at_least=0.0)
+    # adaptation steps per episode in the regret (the authors': 2)
+    inner_steps: int = bounded(2, at_least=1)
+    # transfer pairs per adaptation step (the authors': 10)
+    inner_batch_size: int = bounded(10, at_least=1)
     initial_structural_logit: float = 0.0  # γ before the first episode; σ(0) = 1/2
 
 

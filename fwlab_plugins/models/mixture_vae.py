@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchmetrics import MeanMetric
 
+from fwlab.bounds import bounded
 from fwlab.config import dataclass_from
 from fwlab.distributions import DiagonalGaussianMixture
 from fwlab.errors import IncompatibleError
@@ -39,11 +40,13 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class MixtureVAEConfig:
-    latent_size: int = 20  # D, the dimension of z
-    components: int = 4  # K, the posterior's mixture components; 1 is the ordinary VAE
-    hidden_size: int = 400  # units in each of the encoder's and decoder's two ReLU layers
+    latent_size: int = bounded(20, at_least=1)  # D, the dimension of z
+    # K, the posterior's mixture components; 1 is the ordinary VAE
+    components: int = bounded(4, at_least=1)
+    # units in each of the encoder's and decoder's two ReLU layers
+    hidden_size: int = bounded(400, at_least=1)
     # samples of the importance-weighted bound at validation and test; 0 to skip it
-    importance_samples: int = 100
+    importance_samples: int = bounded(100, at_least=0)
 
 
 class ELBOObjective:
