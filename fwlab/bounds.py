@@ -8,6 +8,7 @@ training a network of no units). A plugin's config declares them the same way::
         slots: int = bounded(128, at_least=1)
         decay: float = bounded(0.95, at_least=0.0, at_most=1.0)
         rate: float = bounded(0.1, above=0.0)
+        fraction: float = bounded(0.5, above=0.0, below=1.0)
 
 A field whose value may be ``None`` is checked only when it is not.
 """
@@ -23,11 +24,13 @@ _METADATA_KEY = "fwlab_bounds"
 
 @dataclass(frozen=True)
 class Bounds:
-    """``at_least <= value``, ``above < value``, ``value <= at_most`` (each where given)."""
+    """``at_least <= value``, ``above < value``, ``value <= at_most``, ``value < below`` (each
+    where given)."""
 
     at_least: float | None = None
     above: float | None = None
     at_most: float | None = None
+    below: float | None = None
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` ("must be at least 1, not 0"), or ``None``."""
@@ -37,12 +40,18 @@ class Bounds:
             (self.at_least is None or value >= self.at_least)
             and (self.above is None or value > self.above)
             and (self.at_most is None or value <= self.at_most)
+            and (self.below is None or value < self.below)
         )
         return None if holds else f"must be {self.describe()}, not {value!r}"
 
     def describe(self) -> str:
         """The bounds in words: "at least 0 and at most 1"."""
-        named = ((self.at_least, "at least"), (self.above, "above"), (self.at_most, "at most"))
+        named = (
+            (self.at_least, "at least"),
+            (self.above, "above"),
+            (self.at_most, "at most"),
+            (self.below, "below"),
+        )
         return " and ".join(f"{words} {bound:g}" for bound, words in named if bound is not None)
 
 
@@ -52,9 +61,10 @@ def bounded(
     at_least: float | None = None,
     above: float | None = None,
     at_most: float | None = None,
+    below: float | None = None,
 ) -> Any:
     """A dataclass field with ``default`` and the given bounds (see the module's docstring)."""
-    bounds = Bounds(at_least=at_least, above=above, at_most=at_most)
+    bounds = Bounds(at_least=at_least, above=above, at_most=at_most, below=below)
     return dataclasses.field(default=default, metadata={_METADATA_KEY: bounds})
 
 

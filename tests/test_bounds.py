@@ -48,6 +48,8 @@ def outside_and_on(bounds: Bounds, is_int: bool) -> list[tuple[float, float]]:
         cases.append((bounds.above, bounds.above + (1 if is_int else 1e-3)))
     if bounds.at_most is not None:
         cases.append((bounds.at_most + step, bounds.at_most))
+    if bounds.below is not None:
+        cases.append((bounds.below, bounds.below - (1 if is_int else 1e-3)))
     return cases
 
 
@@ -105,4 +107,5 @@ def test_an_interpolated_value_is_checked_as_resolved():
 def test_bounds_describe_themselves():
     assert Bounds(at_least=1).problem(0) == "must be at least 1, not 0"
     assert Bounds(above=0.0, at_most=1.0).problem(1.5) == "must be above 0 and at most 1, not 1.5"
+    assert Bounds(above=0.0, below=1.0).problem(1.0) == "must be above 0 and below 1, not 1.0"
     assert Bounds(at_least=0.0).problem(None) is None  # a field that may be None

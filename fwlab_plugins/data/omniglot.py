@@ -54,7 +54,7 @@ class OmniglotConfig(DataConfig):
     download: bool = False  # fetch with torchvision when nothing is found
     image_size: int = bounded(20, at_least=1)  # drawings are resized to image_size × image_size
     # 1200 / 1623: Santoro et al.'s split on the full set
-    train_class_fraction: float = bounded(0.7394, above=0.0, at_most=1.0)
+    train_class_fraction: float = bounded(0.7394, above=0.0, below=1.0)
     rotation_classes: bool = True  # 90°, 180°, 270° rotations as new classes
     augment: bool = True  # small random rotations (±10°) and translations (±2 px) in training
     classes_per_episode: int = bounded(5, at_least=1)  # N
