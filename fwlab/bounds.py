@@ -10,7 +10,8 @@ training a network of no units). A plugin's config declares them the same way::
         rate: float = bounded(0.1, above=0.0)
         fraction: float = bounded(0.5, above=0.0, below=1.0)
 
-A field whose value may be ``None`` is checked only when it is not.
+A field whose value may be ``None`` is checked only when it is not. A cell and a datamodule also
+check their config's bounds as they are built (:func:`check_bounds`), for configs made in Python.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from fwlab.errors import ConfigError
 
 _METADATA_KEY = "fwlab_bounds"
 
@@ -71,3 +74,13 @@ def bounded(
 def bounds_of(field: dataclasses.Field) -> Bounds | None:
     """The bounds a field was declared with, or ``None``."""
     return field.metadata.get(_METADATA_KEY)
+
+
+def check_bounds(config: Any, prefix: str) -> None:
+    """Raise :class:`~fwlab.errors.ConfigError` for the first field of the dataclass instance
+    ``config`` outside its bounds, naming it as ``prefix`` + its name (``model.hidden_size``)."""
+    for field in dataclasses.fields(config):
+        bounds = bounds_of(field)
+        problem = None if bounds is None else bounds.problem(getattr(config, field.name))
+        if problem is not None:
+            raise ConfigError(f"bad value for '{prefix}{field.name}': {problem}")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from fwlab.bounds import bounded
+from fwlab.bounds import bounded, check_bounds
 from fwlab.spec import DataSpec
 
 
@@ -48,6 +48,7 @@ class Cell(nn.Module, ABC):
 
     def __init__(self, input_size: int, config: CellConfig) -> None:
         super().__init__()
+        check_bounds(config, "model.")
         self.input_size = input_size
         self.config = config
         self.hidden_size = config.hidden_size

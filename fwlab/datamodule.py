@@ -37,7 +37,7 @@ import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fwlab.bounds import bounded
+from fwlab.bounds import bounded, check_bounds
 from fwlab.spec import DataSpec
 
 
@@ -77,6 +77,7 @@ class DataModule(L.LightningDataModule):
 
     def __init__(self, config: DataConfig) -> None:
         super().__init__()
+        check_bounds(config, "data.")
         self.config = config
         self.datasets: dict[str, Dataset] = {}  # "train", "val", "test", filled by setup()
 

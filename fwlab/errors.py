@@ -9,8 +9,9 @@ class RegistryError(FwlabError):
     """An unknown, duplicate or broken plugin name."""
 
 
-class ConfigError(FwlabError):
-    """An unknown key, a bad value, or a missing file in the configuration."""
+class ConfigError(FwlabError, ValueError):
+    """An unknown key, a bad value, or a missing file in the configuration (a ``ValueError`` as
+    well, for Python callers that construct a plugin from a config themselves)."""
 
 
 class IncompatibleError(FwlabError):

@@ -109,3 +109,25 @@ def test_bounds_describe_themselves():
     assert Bounds(above=0.0, at_most=1.0).problem(1.5) == "must be above 0 and at most 1, not 1.5"
     assert Bounds(above=0.0, below=1.0).problem(1.0) == "must be above 0 and below 1, not 1.0"
     assert Bounds(at_least=0.0).problem(None) is None  # a field that may be None
+
+
+CELL_FIELDS = [
+    (cell, f, bounds)
+    for cell in REGISTRY.names("cell")
+    for f in dataclasses.fields(REGISTRY.get("cell", cell).Config)
+    if (bounds := bounds_of(f)) is not None
+]
+
+
+@pytest.mark.parametrize(
+    ("cell", "field", "bounds"), CELL_FIELDS, ids=[f"{c}-{f.name}" for c, f, _ in CELL_FIELDS]
+)
+def test_a_cell_built_in_python_from_a_config_outside_its_bounds_is_refused(cell, field, bounds):
+    """The same bounds for a config made in Python, where no composing checked it."""
+    cell_class = REGISTRY.get("cell", cell)
+    is_int = isinstance(field.default, int)
+    for outside, _ in outside_and_on(bounds, is_int):
+        value = int(outside) if is_int else float(outside)
+        config = cell_class.Config(**{field.name: value})
+        with pytest.raises(ConfigError, match=rf"'model\.{field.name}': must be"):
+            cell_class(3, config)

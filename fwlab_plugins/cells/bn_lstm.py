@@ -31,6 +31,7 @@ from torch import nn
 
 from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
+from fwlab.errors import ConfigError
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.bn_lstm_sequence import BNLSTMSequence
 from fwlab_plugins.cells.kernels import Kernel, bn_lstm_cpu
@@ -68,7 +69,7 @@ class BNLSTMCell(Cell):
         if self.kernel in (Kernel.c, Kernel.triton) and (
             Recurrence(config.recurrence) is Recurrence.stepwise
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"model.kernel={self.kernel.value} runs the fused node's steps: it needs "
                 "model.recurrence=fused, got model.recurrence=stepwise"
             )

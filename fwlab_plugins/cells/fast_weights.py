@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
+from fwlab.errors import ConfigError
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells.fast_weights_sequence import FastWeightsMemorySequence
 from fwlab_plugins.cells.kernels import Kernel
@@ -106,23 +107,19 @@ class FastWeightsCell(Cell):
     Config = FastWeightsConfig
 
     def __init__(self, input_size: int, config: FastWeightsConfig) -> None:
-        super().__init__(input_size, config)
-        if config.inner_steps < 1:
-            raise ValueError(f"model.inner_steps must be at least 1, got {config.inner_steps}")
+        super().__init__(input_size, config)  # checks the config's bounds
         hidden = config.hidden_size
         self.form = FastWeightsForm(config.form)
         self.decay = config.decay
         self.fast_learning_rate = config.fast_learning_rate
         self.inner_steps = config.inner_steps
-        if config.checkpoint_every < 0:
-            raise ValueError(f"model.checkpoint_every must be >= 0, got {config.checkpoint_every}")
         self.checkpoint_every = config.checkpoint_every
         self.recurrence = Recurrence(config.recurrence)
         self.kernel = kernels.check_kernel(config.kernel, "fast_weights", has=(Kernel.triton,))
         if self.kernel is Kernel.triton and (
             self.form is FastWeightsForm.matrix or self.recurrence is Recurrence.stepwise
         ):
-            raise ValueError(
+            raise ConfigError(
                 "model.kernel=triton runs the fused memory form: it needs model.form=memory "
                 f"(or auto) and model.recurrence=fused, got model.form={self.form.value} and "
                 f"model.recurrence={self.recurrence.value}"

@@ -39,6 +39,7 @@ from torch import nn
 
 from fwlab.bounds import bounded
 from fwlab.cell import Cell, CellConfig
+from fwlab.errors import ConfigError
 from fwlab.stepwise_linear import StepwiseLinear
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells import lru_addressing as addressing
@@ -76,9 +77,10 @@ class LRUNTMCell(Cell):
         super().__init__(input_size, config)
         self.kernel = kernels.check_kernel(config.kernel, "lru_ntm", has=(Kernel.c, Kernel.triton))
         heads, width = config.read_heads, config.memory_width
-        if not 1 <= heads <= config.memory_slots:
-            raise ValueError(
-                f"model.read_heads must be between 1 and model.memory_slots, got {heads}"
+        if heads > config.memory_slots:  # (both are at least 1: their bounds)
+            raise ConfigError(
+                f"model.read_heads must be at most model.memory_slots ({config.memory_slots}), "
+                f"got {heads}"
             )
         self.controller = nn.LSTMCell(input_size + heads * width, config.hidden_size)
         self.key_layer = nn.Linear(config.hidden_size, heads * width)

@@ -20,6 +20,8 @@ from enum import Enum
 
 import torch
 
+from fwlab.errors import ConfigError
+
 
 class Kernel(str, Enum):
     """A cell's ``model.kernel``: which implementation runs its time loop."""
@@ -31,12 +33,12 @@ class Kernel(str, Enum):
 
 
 def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
-    """``model.kernel`` as a :class:`Kernel`, or a ``ValueError`` if ``cell`` has no such
-    kernel (``has``: the kernels it has besides ``auto`` and ``torch``)."""
+    """``model.kernel`` as a :class:`Kernel`, or a :class:`~fwlab.errors.ConfigError` if ``cell``
+    has no such kernel (``has``: the kernels it has besides ``auto`` and ``torch``)."""
     kernel = Kernel(kernel)
     takes = (Kernel.auto, *has, Kernel.torch)
     if kernel not in takes:
-        raise ValueError(
+        raise ConfigError(
             f"model.kernel={kernel.value}: {cell} has no {kernel.value} kernel; "
             f"it takes {', '.join(k.value for k in takes)}"
         )
