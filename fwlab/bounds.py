@@ -17,6 +17,7 @@ check their config's bounds as they are built (:func:`check_bounds`), for config
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +77,23 @@ def bounds_of(field: dataclasses.Field) -> Bounds | None:
     return field.metadata.get(_METADATA_KEY)
 
 
+def out_of_bounds(schema: type, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first of ``values`` (field name -> value) outside the bounds of its field of the
+    dataclass ``schema``, as (name, problem), or ``None``."""
+    for field in dataclasses.fields(schema):
+        bounds = bounds_of(field)
+        if bounds is not None and field.name in values:
+            problem = bounds.problem(values[field.name])
+            if problem is not None:
+                return field.name, problem
+    return None
+
+
 def check_bounds(config: Any, prefix: str) -> None:
     """Raise :class:`~fwlab.errors.ConfigError` for the first field of the dataclass instance
     ``config`` outside its bounds, naming it as ``prefix`` + its name (``model.hidden_size``)."""
-    for field in dataclasses.fields(config):
-        bounds = bounds_of(field)
-        problem = None if bounds is None else bounds.problem(getattr(config, field.name))
-        if problem is not None:
-            raise ConfigError(f"bad value for '{prefix}{field.name}': {problem}")
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    found = out_of_bounds(type(config), values)
+    if found is not None:
+        name, problem = found
+        raise ConfigError(f"bad value for '{prefix}{name}': {problem}")

@@ -37,7 +37,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fwlab import trainer_arguments
-from fwlab.bounds import bounds_of
+from fwlab.bounds import out_of_bounds
 from fwlab.errors import ConfigError
 from fwlab.optim import OptimConfig
 from fwlab.registry import Registry
@@ -266,18 +266,16 @@ def _check_bounds(config: DictConfig, fragment: dict[str, Any], source: str) -> 
         schema = OmegaConf.get_type(config, section) if section in config else None
         if not (isinstance(values, dict) and dataclasses.is_dataclass(schema)):
             continue
-        for schema_field in dataclasses.fields(schema):
-            bounds = bounds_of(schema_field)
-            if bounds is None or schema_field.name not in values:
-                continue
+        merged = {}  # the values the fragment sets, as merged (interpolations resolved)
+        for name in values:
             try:
-                value = config[section][schema_field.name]
+                merged[name] = config[section][name]
             except OmegaConfBaseException:  # an interpolation not resolvable yet
-                continue
-            problem = bounds.problem(value)
-            if problem is not None:
-                key = f"{section}.{schema_field.name}"
-                raise ConfigError(f"bad value for '{key}' (from {source}): {problem}")
+                pass
+        found = out_of_bounds(schema, merged)
+        if found is not None:
+            name, problem = found
+            raise ConfigError(f"bad value for '{section}.{name}' (from {source}): {problem}")
 
 
 # -- overrides ----------------------------------------------------------------------------------

@@ -102,8 +102,6 @@ def _describe(members: list[Any]) -> str:
         origin, args = typing.get_origin(member), typing.get_args(member)
         if origin is Literal:
             choices += [repr(choice) for choice in args]
-        elif member is Any:
-            words.append("any value")
         elif member in _SCALARS:
             words.append(_SCALARS[member])
         elif origin is list and args and args[0] in _PLURALS:

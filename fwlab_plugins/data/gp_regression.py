@@ -56,7 +56,15 @@ def rbf_kernel(
 
 
 def posterior_means(x: torch.Tensor, y: torch.Tensor, config: GPRegressionConfig) -> torch.Tensor:
-    """μ_t for every step: the GP posterior mean at x_t given (x_<t, y_<t), (N, T) float64.
+    """μ_t for every step: the GP posterior mean at x_t given (x_<t, y_<t), (N, T) float64."""
+    gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
+    return _posterior_means_from_kernel(gram, y, config)
+
+
+def _posterior_means_from_kernel(
+    gram: torch.Tensor, y: torch.Tensor, config: GPRegressionConfig
+) -> torch.Tensor:
+    """:func:`posterior_means` from the episodes' kernel matrices K (N, T, T).
 
     All steps from one Cholesky factorisation per episode, L Lᵀ = K + σ_n² I over the whole
     episode, and z = L⁻¹ y. L's leading t×t block is the factor of K_<t + σ_n² I, so z's first t
@@ -66,13 +74,12 @@ def posterior_means(x: torch.Tensor, y: torch.Tensor, config: GPRegressionConfig
         μ_t = L[t, <t] L_<tᵀ (L_<t L_<tᵀ)⁻¹ y_<t = L[t, <t] z_<t,
 
     the strictly lower part of L times z: O(T³) per episode, where a solve per step is O(T⁴)
-    (at the default sizes the datamodule's setup took 62 s on 2 CPU cores that way, 1.4 s this
-    way). A noise below the sampler's jitter is taken as the jitter, the smallest noise the draws
-    have, so that σ_n = 0 stays defined."""
-    steps = x.shape[1]
+    (at the default sizes the datamodule's setup took 62 s on 2 CPU cores that way, 1.0-1.2 s
+    this way). A noise below the sampler's jitter is taken as the jitter, the smallest noise the
+    draws have, so that σ_n = 0 stays defined."""
     noise = max(config.noise_std**2, SAMPLING_JITTER)
-    gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
-    cholesky = torch.linalg.cholesky(gram + noise * torch.eye(steps, dtype=x.dtype))
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    cholesky = torch.linalg.cholesky(gram + noise * eye)
     z = torch.linalg.solve_triangular(cholesky, y.unsqueeze(-1), upper=False)
     return (cholesky.tril(-1) @ z).squeeze(-1)  # row 0 is empty: μ_0 = 0, the prior mean
 
@@ -85,31 +92,35 @@ def generate(
     steps = config.episode_length
     x = torch.rand(count, steps, generator=generator, dtype=torch.float64)
     x = config.x_low + (config.x_high - config.x_low) * x
+    normals = torch.randn(count, steps, 1, generator=generator, dtype=torch.float64)
+    noise = torch.randn(count, steps, generator=generator, dtype=torch.float64)
     jitter = SAMPLING_JITTER * torch.eye(steps, dtype=torch.float64)
 
-    def draw(x: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    def episodes(
+        x: torch.Tensor, normals: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets y = f(x) + σ_n ε with f drawn from the GP, and their baselines: one kernel
+        matrix per episode for both."""
         gram = rbf_kernel(x, x, config.lengthscale, config.signal_std)
-        return (torch.linalg.cholesky(gram + jitter) @ normals).squeeze(-1)
+        function = (torch.linalg.cholesky(gram + jitter) @ normals).squeeze(-1)
+        y = function + config.noise_std * noise
+        return y, _posterior_means_from_kernel(gram, y, config)
 
-    normals = torch.randn(count, steps, 1, generator=generator, dtype=torch.float64)
-    function = _by_episode_chunks(draw, x, normals)
-    y = function + config.noise_std * torch.randn(
-        count, steps, generator=generator, dtype=torch.float64
-    )
+    y, means = _by_episode_chunks(episodes, x, normals, noise)
     previous_y = torch.cat([torch.zeros(count, 1, dtype=torch.float64), y[:, :-1]], dim=1)
     inputs = torch.stack([x, previous_y], dim=-1)
-    means = _by_episode_chunks(lambda x, y: posterior_means(x, y, config), x, y)
     return inputs.float(), y.float(), means.float()
 
 
 def _by_episode_chunks(
-    function: Callable[..., torch.Tensor], *tensors: torch.Tensor
-) -> torch.Tensor:
-    """``function`` of the tensors' episodes (their first axis) a chunk at a time, concatenated:
-    a chunk's (n, T, T) temporaries take 20 MB each at T = 50, those of 20,000 episodes at once
-    400 MB, and generating those episodes took 6.5 s at once against 1.3 s by chunks."""
+    function: Callable[..., tuple[torch.Tensor, ...]], *tensors: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``function`` of the tensors' episodes (their first axis) a chunk at a time, each of its
+    outputs concatenated: a chunk's (n, T, T) temporaries take 20 MB each at T = 50, those of
+    20,000 episodes at once 400 MB, and generating those episodes took 6.5 s at once against
+    1.3 s by chunks (measured while the kernel was still computed twice)."""
     chunks = zip(*(tensor.split(_EPISODES_PER_CHUNK) for tensor in tensors))
-    return torch.cat([function(*chunk) for chunk in chunks])
+    return tuple(torch.cat(parts) for parts in zip(*(function(*chunk) for chunk in chunks)))
 
 
 class GPRegressionDataModule(DataModule):

@@ -34,7 +34,7 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 @dataclass
 class RetrievalConfig(DataConfig):
     # K key-value pairs per sequence (at most 26 distinct letter keys)
-    num_pairs: int = bounded(4, at_least=1, at_most=26)
+    num_pairs: int = bounded(4, at_least=1, at_most=NUM_LETTERS)
     train_size: int = bounded(100_000, at_least=1)
     val_size: int = bounded(10_000, at_least=1)
     test_size: int = bounded(20_000, at_least=1)
