@@ -191,6 +191,8 @@ def test_there_are_experiment_presets():
     [
         ("model.hiden_size=3", ["model.hiden_size", "model.hidden_size"]),
         ("trainer.max_steps=abc", ["'trainer.max_steps'", "takes an integer, not 'abc'"]),
+        # the command runs with no GPU and no TRITON_INTERPRET (conftest.fwlab_env)
+        ("model.kernel=triton", ["model.kernel=triton: needs", "model.kernel=auto runs"]),
     ],
 )
 def test_cli_reports_config_errors_and_writes_nothing(tmp_path, override, expected):

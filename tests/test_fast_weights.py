@@ -12,6 +12,7 @@ from fwlab.saved_memory import saved_for_backward_bytes
 from fwlab_plugins.cells.fast_weights import (
     FastWeightsCell,
     FastWeightsConfig,
+    FastWeightsForm,
     FastWeightsMatrixState,
     FastWeightsMemoryState,
 )
@@ -291,10 +292,28 @@ def test_forcing_the_kernel_outside_the_fused_memory_form_names_the_setting(over
         make_cell(kernel="triton", **overrides)
 
 
-def test_forcing_the_kernel_where_auto_takes_the_matrix_form_says_so():
-    cell = make_cell(hidden_size=2, kernel="triton")  # auto: memory below 32 steps
-    with pytest.raises(ValueError, match="matrix form for 40 steps; set model.form=memory"):
-        cell(torch.randn(2, 40, 3, dtype=torch.float64))
+def test_forcing_the_kernel_makes_auto_take_the_memory_form_at_any_length():
+    """auto alone takes the matrix form from 32 steps here; the kernel runs only the memory
+    form, so asking for the kernel makes auto take that form."""
+    assert make_cell(hidden_size=2).resolve_form(40) is FastWeightsForm.matrix
+    assert make_cell(hidden_size=2, kernel="triton").resolve_form(40) is FastWeightsForm.memory
+
+
+@pytest.mark.skipif(not TRITON, reason="no triton")
+def test_the_forced_kernel_runs_a_sequence_auto_alone_would_run_in_the_matrix_form():
+    """It used to fail at the first batch ("auto takes the matrix form"); it now runs the
+    kernel, whose outputs and final state are the PyTorch node's."""
+    device = "cuda" if CUDA else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("off CUDA the kernel runs in Triton's interpreter, set only without a GPU")
+    forced = make_cell(hidden_size=2, kernel="triton").to(device)
+    reference = make_cell(hidden_size=2, kernel="torch", form="memory").to(device)
+    x = torch.randn(2, 40, 3, dtype=torch.float64, device=device)
+    outputs, state = forced(x)
+    assert isinstance(state, FastWeightsMemoryState) and state.memory.shape == (2, 40, 2)
+    want_outputs, want_state = reference(x)
+    torch.testing.assert_close(outputs, want_outputs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.memory, want_state.memory, rtol=1e-10, atol=1e-10)
 
 
 def test_fused_memory_form_gradient_check_through_the_starting_state():

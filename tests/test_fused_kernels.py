@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 
+from fwlab.errors import ConfigError
 from fwlab.registry import Registry
 
 from .conftest import autograd_node_names
@@ -167,9 +168,13 @@ def test_auto_uses_the_reference_on_the_cpu_and_forcing_says_what_is_missing(
     outputs, _ = cell(torch.randn(2, 3, 3))
     assert not made_by_a_fused_node(outputs)  # auto: natively only, on CUDA
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():  # no kernel can run here: refused as the cell is built
+        with pytest.raises(ConfigError, match="model.kernel=triton: needs (a CUDA GPU|the triton)"):
+            cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
+        return
     forced = cell_cls(3, cell_cls.Config(hidden_size=4, kernel="triton"))
     with pytest.raises(RuntimeError, match="needs CUDA, or TRITON_INTERPRET=1"):
-        forced(torch.randn(2, 3, 3))
+        forced(torch.randn(2, 3, 3))  # a CPU tensor on a machine with a GPU
 
 
 def test_autos_choice_on_cuda_is_logged_once_with_its_reason(caplog):

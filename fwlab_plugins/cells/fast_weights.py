@@ -29,7 +29,8 @@ while the fused memory form (below) is one node that keeps O(T·H). Measured on 
 arithmetic break-even: 4.0 at T/H = 2, 2.3 at 4, 1.7 at 6, 1.25 at 7.8 (sequential MNIST, with
 58 MiB kept for the backward pass against the matrix form's 1,972), 0.88 at 24.5. So ``auto``
 takes the memory form while T < 8 (S+1)/S · H with ``recurrence=fused`` (16 H for S = 1), and
-while T < (S+1)/S · H with ``recurrence=stepwise``, whose memory form keeps O(T²·H).
+while T < (S+1)/S · H with ``recurrence=stepwise``, whose memory form keeps O(T²·H). With
+``model.kernel=triton``, which runs only the memory form, ``auto`` takes the memory form.
 
 The memory form of a whole sequence runs as one autograd node with a hand-written backward
 (:mod:`.fast_weights_sequence`); ``model.recurrence=stepwise`` runs autograd through the
@@ -97,7 +98,8 @@ class FastWeightsConfig(CellConfig):
     checkpoint_every: int = bounded(0, at_least=0)
     # memory form: fused (one autograd node per sequence) | stepwise (autograd, the reference)
     recurrence: Recurrence = Recurrence.fused
-    # fused memory form: auto (the Triton kernel on CUDA where it pays off) | triton | torch
+    # fused memory form: auto (the Triton kernel on CUDA where it pays off) | triton (form=auto
+    # then takes the memory form, the kernel's) | torch
     kernel: Kernel = Kernel.auto
 
 
@@ -136,6 +138,8 @@ class FastWeightsCell(Cell):
         """The form used for a sequence of ``seq_len`` steps (``None``: unknown length)."""
         if self.form is not FastWeightsForm.auto:
             return self.form
+        if self.kernel is Kernel.triton:  # the kernel asked for runs only the memory form
+            return FastWeightsForm.memory
         if seq_len is None:
             return FastWeightsForm.matrix  # constant cost per step, whatever comes
         reach = FUSED_MEMORY_REACH if self.recurrence is Recurrence.fused else 1
@@ -180,11 +184,6 @@ class FastWeightsCell(Cell):
         """The steps of ``input_part`` (B, T', H) from a state given as its tensors (so that
         activation checkpointing sees them): (outputs (B, T', H), *final state tensors)."""
         state = state_type(*state_tensors)
-        if state_type is FastWeightsMatrixState and self.kernel is Kernel.triton:
-            raise ValueError(
-                f"model.kernel=triton runs the memory form, but model.form=auto takes the matrix "
-                f"form for {input_part.shape[1]} steps; set model.form=memory or model.kernel=auto"
-            )
         if (
             state_type is FastWeightsMemoryState
             and self.recurrence is Recurrence.fused

@@ -34,7 +34,9 @@ class Kernel(str, Enum):
 
 def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
     """``model.kernel`` as a :class:`Kernel`, or a :class:`~fwlab.errors.ConfigError` if ``cell``
-    has no such kernel (``has``: the kernels it has besides ``auto`` and ``torch``)."""
+    has no such kernel (``has``: the kernels it has besides ``auto`` and ``torch``) or if it is
+    ``triton`` on a machine where no Triton kernel can run. Checked as the cell is built, so
+    that such a run stops before it writes anything instead of at its first batch."""
     kernel = Kernel(kernel)
     takes = (Kernel.auto, *has, Kernel.torch)
     if kernel not in takes:
@@ -42,7 +44,24 @@ def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
             f"model.kernel={kernel.value}: {cell} has no {kernel.value} kernel; "
             f"it takes {', '.join(k.value for k in takes)}"
         )
+    if kernel is Kernel.triton:
+        reason = triton_unavailable()
+        if reason:
+            raise ConfigError(f"model.kernel=triton: {reason}; model.kernel=auto runs {cell}")
     return kernel
+
+
+def triton_unavailable() -> str | None:
+    """Why no Triton kernel can run on this machine, or ``None``. (A machine with a GPU can
+    still be asked to run one on the CPU: :func:`use_triton` says so then.)"""
+    if not triton_installed():
+        return "needs the triton package (pip install triton)"
+    if not torch.cuda.is_available() and not interpreting():
+        return (
+            "needs a CUDA GPU and this machine has none (TRITON_INTERPRET=1 runs the kernel in "
+            "Triton's CPU interpreter, slowly: for tests)"
+        )
+    return None
 
 
 @functools.cache  # asked at every forward pass; a search of sys.path each time is wasted
