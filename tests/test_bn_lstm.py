@@ -60,6 +60,45 @@ def test_initialisation():
     torch.testing.assert_close(W_x.T @ W_x, torch.eye(3), atol=1e-5, rtol=1e-5)
 
 
+def zero_started(batch=8, zeros=40, steps=60) -> torch.Tensor:
+    """Pixel-like inputs whose first ``zeros`` steps are 0 in every sequence, as at the top of
+    every MNIST digit."""
+    torch.manual_seed(1)
+    x = torch.rand(batch, steps, 1)
+    x[:, :zeros] = 0
+    return x
+
+
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
+def test_initial_noise_keeps_the_gradient_finite_when_a_batch_starts_identical(kernel):
+    """Identical states make the recurrent BN's batch variance zero, and its derivative γ/√ε
+    compounds over the identical steps: the float32 gradient is not finite from the first batch.
+    Noise in h_0, as the authors' code has for unpermuted sequential MNIST, keeps it finite."""
+
+    def gradients(noise: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cell = BNLSTMCell(1, BNLSTMConfig(hidden_size=8, initial_noise=noise, kernel=kernel))
+        outputs, _ = cell(zero_started())
+        outputs[:, -1].square().sum().backward()
+        return [parameter.grad for parameter in cell.parameters()]
+
+    assert not all(torch.isfinite(grad).all() for grad in gradients(0.0))  # why the option is
+    assert all(torch.isfinite(grad).all() for grad in gradients(0.1))
+
+
+def test_initial_noise_is_training_only():
+    cell = make(hidden=8, inputs=1, initial_noise=0.1).float()
+    x = zero_started()
+    first, _ = cell(x)
+    second, _ = cell(x)
+    assert first[:, 0].std(dim=0).min() > 0  # identical inputs, different starting states
+    assert not torch.equal(first, second)  # fresh noise for every batch
+    quiet = make(hidden=8, inputs=1).float()
+    quiet.load_state_dict(cell.state_dict())
+    cell.eval(), quiet.eval()
+    torch.testing.assert_close(cell(x)[0], quiet(x)[0], rtol=0, atol=0)  # evaluation: h_0 = 0
+
+
 def train(cell, batches):
     cell.train()
     for x in batches:

@@ -11,6 +11,13 @@ at 0.1 (1.0 vanishes the gradient through time), β at 0. W_h starts as the iden
 gate's block, W_x orthogonal. The forget bias starts at ``forget_bias`` (fwlab's choice, as for
 ``lstm``; the paper does not state one).
 
+When every sequence of a batch starts with the same inputs (the zero pixels at the top of every
+MNIST digit), the states of the batch stay identical: BN(W_h h) then normalises a batch whose
+variance is zero, its derivative is γ/√ε (32 at γ = 0.1) per step, and the gradient through a
+hundred such steps overflows float32 from the first batch on. The authors' code for unpermuted
+sequential MNIST primes h_0 with white noise of std 0.1 (``--noise 0.1``); ``initial_noise``
+does so in training (evaluation starts from h_0 = 0 and stays deterministic).
+
 The whole-sequence forward runs the recurrence as one autograd node with a hand-written backward
 (:mod:`.bn_lstm_sequence`); ``model.recurrence=stepwise`` runs autograd through :meth:`step`'s
 code instead, the reference the tests hold it to. On the CPU that node runs its time loop, the
@@ -53,6 +60,9 @@ class BNLSTMConfig(CellConfig):
     # running-average weight of each training batch's statistics
     momentum: float = bounded(0.1, at_least=0.0, at_most=1.0)
     forget_bias: float = 1.0  # initial b of the forget gate
+    # std of white noise in the initial hidden state h_0 in training; 0: h_0 = 0 (see the module
+    # docstring: Cooijmans et al.'s code uses 0.1 on unpermuted sequential MNIST)
+    initial_noise: float = bounded(0.0, at_least=0.0)
     recurrence: Recurrence = Recurrence.fused  # fused | stepwise (the autograd reference)
     # the fused node's steps: auto (the C kernel on the CPU where it builds) | c | triton | torch
     kernel: Kernel = Kernel.auto
@@ -105,6 +115,8 @@ class BNLSTMCell(Cell):
     ) -> tuple[torch.Tensor, BNLSTMState]:
         if state is None:  # a fresh sequence starts at step 0 (no read-back of state.time)
             state, start = self.initial_state(x.shape[0], x.device, x.dtype), 0
+            if self.training and self.config.initial_noise > 0:
+                state = state._replace(h=self.config.initial_noise * torch.randn_like(state.h))
         else:
             start = int(state.time[0]) if state.time.numel() else 0
         # BN(W_x x_t) + b for all t at once: the input term does not depend on the recurrence
