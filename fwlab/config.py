@@ -40,6 +40,7 @@ from fwlab import trainer_arguments
 from fwlab.bounds import out_of_bounds
 from fwlab.errors import ConfigError
 from fwlab.optim import OptimConfig
+from fwlab.published import PublishedResult, check_entries, check_where_keys
 from fwlab.registry import Registry
 
 GROUPS = ("model", "data", "trainer", "logger", "experiment")
@@ -86,6 +87,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: dict[str, Any] = field(default_factory=dict)
+    # what papers report for this set-up, shown beside the run's results (fwlab/published.py)
+    published: list[PublishedResult] = field(default_factory=list)
 
 
 # -- locating files -----------------------------------------------------------------------------
@@ -247,6 +250,8 @@ def merge_checked(config: DictConfig, fragment: dict[str, Any], source: str) -> 
     """Merge ``fragment`` into ``config`` after checking its keys; bad values (of the wrong type,
     or outside a field's bounds) name the key."""
     check_keys(fragment, config, source)
+    if "published" in fragment:
+        check_entries(fragment["published"], source)
     try:
         merged = OmegaConf.merge(config, fragment)
     except OmegaConfBaseException as error:
@@ -255,6 +260,8 @@ def merge_checked(config: DictConfig, fragment: dict[str, Any], source: str) -> 
         raise ConfigError(f"bad value for '{key}' (from {source}): {message}") from None
     assert isinstance(merged, DictConfig)
     _check_bounds(merged, fragment, source)
+    if "published" in fragment:
+        check_where_keys(merged, source)
     return merged
 
 

@@ -28,6 +28,7 @@ from fwlab.config import (
 from fwlab.errors import ConfigError
 from fwlab.loggers import WANDB_ID_FILE, make_logger
 from fwlab.objective import objective_of
+from fwlab.published import compare, summary_lines
 from fwlab.registry import Registry, default_registry
 from fwlab.requeue import RequeueAtBatchEnd
 from fwlab.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, create_run_dir, run_dir_of
@@ -307,6 +308,8 @@ def _train_and_evaluate(
         raise ConfigError(f"unknown command '{invocation.command}'")
 
     wall_time = time.monotonic() - started
+    published = compare(plain, results)
+    _record_published_in_wandb(logger, published)
     if trainer.is_global_zero:
         record: dict[str, Any] = {
             "command": invocation.command,
@@ -314,6 +317,7 @@ def _train_and_evaluate(
             "data": config.data.name,
             "checkpoint": evaluated,
             "metrics": results,
+            "published": published,
             "wall_time_s": wall_time,
         }
         if invocation.command == "fit":
@@ -331,7 +335,7 @@ def _train_and_evaluate(
             run_dir,
             config_path,
             evaluated,
-            objective.summary(results, split),
+            [*objective.summary(results, split), *summary_lines(plain, published)],
             wall_time,
         )
     if logger is not None:
@@ -344,6 +348,14 @@ def _record_best_in_wandb(logger: Any, monitor: str, best: torch.Tensor | None) 
     the checkpoint (what a W&B sweep optimises)."""
     if isinstance(logger, WandbLogger) and best is not None and rank_zero_only.rank == 0:
         logger.experiment.summary[f"best/{monitor}"] = float(best)
+
+
+def _record_published_in_wandb(logger: Any, published: list[dict[str, Any]]) -> None:
+    """``published/<metric>`` in the W&B run's summary, beside the run's own ``<metric>``."""
+    if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+        for comparison in published:
+            for metric, values in comparison["metrics"].items():
+                logger.experiment.summary[f"published/{metric}"] = values["published"]
 
 
 def _print_summary(
