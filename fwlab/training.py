@@ -276,13 +276,23 @@ def _train_and_evaluate(
         auto_insert_metric_name=False,
         monitor=monitor,
         mode=objective.monitor_mode,
-        save_last=True,
+    )
+    # last.ckpt, the state --resume continues from, written at every validation (or epoch end).
+    # Not ModelCheckpoint(save_last=True): Lightning writes that only when it writes a best
+    # checkpoint, so once the metric stopped improving, last.ckpt stayed at the best step.
+    latest = ModelCheckpoint(
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename=Path(LAST_CHECKPOINT).stem,
+        monitor=None,  # with save_top_k=1: keep the newest only, overwriting it in place
+        save_top_k=1,
+        enable_version_counter=False,
     )
     trainer = L.Trainer(
         **plain["trainer"],
         logger=logger if logger is not None else False,
         callbacks=[
             checkpoints,
+            latest,
             ValidateOnLastStep(),
             SaveConfigInCheckpoint(plain, run_dir),
             RequeueAtBatchEnd(),
@@ -294,7 +304,8 @@ def _train_and_evaluate(
     evaluated: str | None = invocation.ckpt
     if invocation.command == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-        evaluated = checkpoints.best_model_path or checkpoints.last_model_path or None
+        # (for a callback without a monitor, Lightning's "best" is the newest)
+        evaluated = checkpoints.best_model_path or latest.best_model_path or None
         _record_best_in_wandb(logger, monitor, checkpoints.best_model_score)
         if trainer.is_global_zero and not checkpoints.best_model_path:
             print(f"fwlab: no '{monitor}' was logged, so the test uses the last weights")

@@ -104,6 +104,21 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
 
 
+def test_last_ckpt_holds_the_final_step_when_validation_stops_improving(tmp_path):
+    """Lightning's save_last writes last.ckpt only when it writes a best checkpoint: a run whose
+    validation metric stopped improving kept its best step as last.ckpt, and --resume went back
+    to it, dropping the steps after. Here the learning rate is too small for val/acc to move."""
+    fit = run_fwlab(
+        "fit", "--model", "lstm", "--data", "retrieval", *SMALL, "optim.lr=1e-12",
+        "trainer.max_steps=30", "trainer.val_check_interval=10", "logger=csv", cwd=tmp_path,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    checkpoints = only_run_dir(tmp_path) / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert torch.load(best, weights_only=False)["global_step"] == 10  # the first validation's
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 30
+
+
 def test_wandb_writes_offline_run_files_without_network(tmp_path):
     result = run_fwlab(
         "fit",
