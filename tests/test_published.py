@@ -97,9 +97,9 @@ def presets_with_published_numbers() -> list[str]:
 
 def test_every_paper_has_a_preset_with_its_published_numbers():
     sources = " ".join(
-        entry["source"]
+        published["source"]
         for name in presets_with_published_numbers()
-        for entry in load_yaml(config_dir() / "experiment" / f"{name}.yaml")["published"]
+        for published in load_yaml(config_dir() / "experiment" / f"{name}.yaml")["published"]
     )
     for author in ("Ba et al.", "Cooijmans et al.", "Santoro et al.", "Bengio et al."):
         assert author in sources
