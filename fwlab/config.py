@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fwlab import trainer_arguments
 from fwlab.bounds import out_of_bounds
 from fwlab.errors import ConfigError
-from fwlab.optim import OptimConfig
+from fwlab.optim import OptimConfig, check_optim_config
 from fwlab.published import PublishedResult, check_entries, check_where_keys
 from fwlab.registry import Registry
 
@@ -374,6 +374,7 @@ def compose(
         OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         raise ConfigError(f"incomplete config: {str(error).splitlines()[0]}") from None
+    check_optim_config(dataclass_from(OptimConfig, config.optim))  # before anything is written
     return config
 
 

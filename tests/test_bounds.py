@@ -69,15 +69,18 @@ def test_a_value_outside_a_fields_bounds_names_the_key_and_the_bound(
 ):
     key = f"{section}.{field.name}"
     is_int = isinstance(field.default, int)
+    # RMSprop has every optim.* option (momentum, rmsprop_decay); Adam, the default, refuses them
+    chosen = ["optim.name=rmsprop"] if section == "optim" else []
     for outside, inside in outside_and_on(bounds, is_int):
         value = int(outside) if is_int else float(outside)
         with pytest.raises(ConfigError) as error:
-            compose(REGISTRY, model=model, data=data, overrides=[f"{key}={value}"])
+            compose(REGISTRY, model=model, data=data, overrides=[*chosen, f"{key}={value}"])
         assert str(error.value) == (
             f"bad value for '{key}' (from the command line): must be {bounds.describe()}, "
             f"not {value!r}"
         )
-        config = compose(REGISTRY, model=model, data=data, overrides=[f"{key}={inside}"])
+        overrides = [*chosen, f"{key}={inside}"]
+        config = compose(REGISTRY, model=model, data=data, overrides=overrides)
         assert config[section][field.name] == inside
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from fwlab.config import compose, config_dir, group_choices
+from fwlab.config import compose, config_dir, dataclass_from, group_choices
 from fwlab.errors import ConfigError
+from fwlab.optim import OptimConfig, make_optimizer
 from fwlab.registry import Registry
 
 from .conftest import run_fwlab
@@ -65,6 +69,37 @@ def test_unknown_keys_name_the_key_and_the_closest_valid_one(override, expected)
     with pytest.raises(ConfigError) as error:
         make(override)
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.name=adagrad"], "optim.name='adagrad' is not known: expected adam, adamw"),
+        (
+            ["optim.momentum=0.9"],
+            "optim.momentum=0.9 has no effect with optim.name=adam: it is an option of rmsprop "
+            "and sgd only",
+        ),
+        (["optim.name=sgd", "optim.rmsprop_decay=0.9"], "optim.rmsprop_decay=0.9 has no effect"),
+        (["optim.rmsprop_decay=1"], "'optim.rmsprop_decay' (from the command line): must be"),
+    ],
+)
+def test_an_optimiser_setting_it_cannot_take_is_refused_as_the_config_is_composed(
+    overrides, expected
+):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        make(*overrides)
+
+
+def test_the_optimiser_gets_its_own_options():
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    config = make("optim.name=rmsprop", "optim.rmsprop_decay=0.9", "optim.momentum=0.5")
+    rmsprop = make_optimizer(parameters, dataclass_from(OptimConfig, config.optim))
+    assert isinstance(rmsprop, torch.optim.RMSprop)
+    assert rmsprop.defaults["alpha"] == 0.9 and rmsprop.defaults["momentum"] == 0.5
+    sgd = make_optimizer(parameters, OptimConfig(name="sgd", momentum=0.7))
+    assert sgd.defaults["momentum"] == 0.7
+    assert make_optimizer(parameters, OptimConfig()).defaults["betas"] == (0.9, 0.999)
 
 
 def test_a_value_of_the_wrong_type_names_the_key():
@@ -193,6 +228,8 @@ def test_there_are_experiment_presets():
         ("trainer.max_steps=abc", ["'trainer.max_steps'", "takes an integer, not 'abc'"]),
         # the command runs with no GPU and no TRITON_INTERPRET (conftest.fwlab_env)
         ("model.kernel=triton", ["model.kernel=triton: needs", "model.kernel=auto runs"]),
+        # found by the optimiser's check, which used to run only once Lightning had started
+        ("optim.name=adagrad", ["optim.name='adagrad' is not known", "rmsprop or sgd"]),
     ],
 )
 def test_cli_reports_config_errors_and_writes_nothing(tmp_path, override, expected):
