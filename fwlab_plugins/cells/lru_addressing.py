@@ -8,7 +8,8 @@ per-head weightings are ``(B, R, N)``; usage is ``(B, N)``.
     w^u_t     = γ w^u_{t-1} + Σ_heads (w^r_t + w^w_t)                          (usage)
     w^lu_t(i) = 1 if w^u_t(i) ≤ m(w^u_t, n) else 0,  m the n-th smallest       (least used)
     w^w_t     = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu_{t-1}                        (write)
-    M_t(i)    = M_{t-1}(i) + Σ_heads w^w_t(i) k_t,  after zeroing the least-used slot of w^u_{t-1}
+    M_t(i)    = M_{t-1}(i) + Σ_heads w^w_t(i) v_t,  after zeroing the least-used slot of w^u_{t-1}
+                (v_t the key k_t, as the paper, or an add vector a_t: lru_ntm.WriteVector)
 
 The selections (n smallest usages, the least-used slot) are not differentiable and carry no
 gradient, as in the paper: gradients reach the controller through the keys, the gate and the
@@ -113,9 +114,9 @@ def zero_least_used_slot(memory: torch.Tensor, previous_usage: torch.Tensor) -> 
     return memory * keep.unsqueeze(-1)
 
 
-def write(memory: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """M_t(i) = M(i) + Σ_heads w^w_t(i) k_t: weights (B, R, N), keys (B, R, W)."""
-    return torch.baddbmm(memory, weights.transpose(1, 2), keys)
+def write(memory: torch.Tensor, weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """M_t(i) = M(i) + Σ_heads w^w_t(i) v_t: weights (B, R, N), the written vectors (B, R, W)."""
+    return torch.baddbmm(memory, weights.transpose(1, 2), vectors)
 
 
 def update_usage(

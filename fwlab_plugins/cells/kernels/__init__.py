@@ -168,6 +168,11 @@ def wants_c(
     return True
 
 
+def report_fallback(cell: str, reason: str) -> None:
+    """Log once that ``cell``'s ``model.kernel=auto`` runs its plain PyTorch loop, and why."""
+    _report_once(f"{cell}: plain PyTorch loop ({reason})")
+
+
 _reported: set[str] = set()
 
 

@@ -18,7 +18,9 @@
  * differentiates at, not in the forward pass's outputs.
  *
  * Sizes: B batch, H controller units, R heads, N slots, W width; Z = H + R·W is the controller's
- * recurrent input [h_{t-1}, r_{t-1}], E = R·W + R the head layer's output [k̃, α]. Buffers are
+ * recurrent input [h_{t-1}, r_{t-1}], E = R·W + R the head layer's output [k̃, α], or 2·R·W + R,
+ * [k̃, ã, α], where the heads write an add vector a = tanh(ã) instead of their keys
+ * (model.write_vector=add; `add_vector` below). Buffers are
  * time-major and contiguous; those indexed 0..T hold the state before step 0 at index 0.
  * The file is compiled once per dtype: REAL is float or double, NAME(x) suffixes the symbol.
  *
@@ -41,6 +43,7 @@ typedef struct {
     int64_t threads;    /* the most threads a pass may use */
     int64_t zero_start; /* 1: the state before step 0 is 0, so z_0 W_recᵀ is skipped */
     int64_t start_gradient; /* 1: δz_0 is wanted, the backward pass's last product */
+    int64_t add_vector; /* 1: the heads write a = tanh(ã), 0: their keys k (see above) */
     double usage_decay; /* γ */
     /* the driver's inputs: u = W_x x + b (T, B, 4H), W_rec (4H, Z), W_head (E, H), b_head (E) */
     const REAL *input_part, *recurrent_weights, *head_weights, *head_bias;
@@ -48,7 +51,7 @@ typedef struct {
     REAL *cells;        /* c, (T+1, B, H) */
     REAL *tanh_c;       /* tanh(c_t), (T, B, H) */
     REAL *z;            /* [h_t, r_t], (T+1, B, Z): from index 1 the node's outputs, as they are */
-    REAL *head;         /* (T, B, E): [k̃, α] = W_head h_t + b_head, then [k = tanh k̃, σ(α)] */
+    REAL *head;         /* (T, B, E): [k̃, (ã,) α] = W_head h_t + b_head, then [k, (a,) σ(α)] */
     REAL *memory;       /* M, (B, W, N), slot-minor (see memory_forward_step): M_t after step t */
     /* where a pass starts its memory (and δM), read only: each sequence's is copied in at its
      * first step, when it is about to be in cache anyway, rather than in a pass of its own */
@@ -70,15 +73,22 @@ typedef struct {
     REAL *grad_read_weights; /* δw^r, (B, R, N) */
     REAL *grad_usage;   /* δw^u, (B, N) */
     REAL *grad_gates;   /* δ of the pre-activations, (T, B, 4H) */
-    REAL *grad_head;    /* δ[k̃, α], (T, B, E) */
+    REAL *grad_head;    /* δ[k̃, (ã,) α], (T, B, E) */
 } NAME(LRUNTMBuffers);
 
+/* E, the head layer's outputs per sequence: [k̃, ã, α] with an add vector, else [k̃, α]. */
+static inline int64_t NAME(head_size)(const NAME(LRUNTMBuffers) *p) {
+    const int64_t RW = p->heads * p->width;
+    return (p->add_vector ? 2 * RW : RW) + p->heads;
+}
+
 /* The REALs of one thread's scratch in memory_backward_step: δw^w and δK (R·N each), the slots'
- * scales (N), δk (R·W), the keys' scales and δσ(α) (R each), and the keys' products with the
- * keys and with δr (R·R each). */
+ * scales (N), δk (R·W), the keys' scales and δσ(α) (R each), the keys' products with the
+ * written vectors and δr's with them (R·R each), and for an add vector δa (R·W) and a·M_t(i)
+ * (R·N). */
 static int64_t NAME(backward_scratch_size)(const NAME(LRUNTMBuffers) *p) {
     const int64_t R = p->heads, N = p->slots, W = p->width;
-    return 2 * R * N + N + R * W + 2 * R + 2 * R * R;
+    return 2 * R * N + N + R * W + 2 * R + 2 * R * R + R * W + R * N;
 }
 
 /* exp(x) of a cosine, x in [−1, 1]: in float32 a polynomial of degree 8 inline (Chebyshev
@@ -167,23 +177,27 @@ static inline REAL NAME(dot_and_scale)(const REAL *a, const REAL *b, REAL *out, 
     default: CALL(4);                                                                             \
     }
 
-/* The write M(i) += Σ_g w^w_g(i) k_g, ‖M(i)‖² and k_g·M(i) for the block of slots at `memory`
- * (slot-minor rows N apart), for the G heads (a literal) whose keys are `keys` (W apart) and
- * whose weights and scores are N apart: the block's G + 1 sums stay in registers through all W
+/* The write M(i) += Σ_g w^w_g(i) v_g, ‖M(i)‖² and k_g·M(i) for the block of slots at `memory`
+ * (slot-minor rows N apart), for the G heads (a literal) whose keys are `keys` and written
+ * vectors v `written` (W apart; ADD, a literal: 0 when v = k, which is then read once) and whose
+ * weights and scores are N apart: the block's G + 1 sums stay in registers through all W
  * features, and the memory is read and written once. */
 static inline __attribute__((always_inline)) void NAME(write_and_score_block)(
-    REAL *memory, const REAL *write, const REAL *keys, REAL *scores, REAL *slot_norms, int64_t N,
-    int64_t W, const int G) {
+    REAL *memory, const REAL *write, const REAL *keys, const REAL *written, REAL *scores,
+    REAL *slot_norms, int64_t N, int64_t W, const int G, const int ADD) {
     NAME(vec) weights[REGISTER_HEADS], score[REGISTER_HEADS], norm = {0};
     for (int g = 0; g < G; g++) {
         weights[g] = NAME(load)(write + g * N);
         score[g] = (NAME(vec)){0};
     }
     for (int64_t j = 0; j < W; j++) {
-        REAL *row = memory + j * N, key[REGISTER_HEADS];
-        for (int g = 0; g < G; g++) key[g] = keys[g * W + j]; /* read once, before the store */
+        REAL *row = memory + j * N, key[REGISTER_HEADS], value[REGISTER_HEADS];
+        for (int g = 0; g < G; g++) { /* read once, before the store */
+            key[g] = keys[g * W + j];
+            value[g] = ADD ? written[g * W + j] : key[g];
+        }
         NAME(vec) m = NAME(load)(row);
-        for (int g = 0; g < G; g++) m += weights[g] * key[g];
+        for (int g = 0; g < G; g++) m += weights[g] * value[g];
         NAME(store)(row, m);
         norm += m * m;
         for (int g = 0; g < G; g++) score[g] += m * key[g];
@@ -243,23 +257,28 @@ static inline __attribute__((always_inline)) void NAME(column_sums_blocks)(
 }
 
 /* The rest of the backward pass for one feature j of the memory (`row`, `grad_row`: M_t(j) and
- * the carried δM(j)), slots [0, end) by blocks, G heads (a literal; `grad_reads`, `keys`: δr_g(j)
- * and k_g(j), W apart; the slots' vectors N apart): δM_t's whole gradient
+ * the carried δM(j)), slots [0, end) by blocks, G heads (a literal; `grad_reads`, `keys`,
+ * `written`: δr_g(j), k_g(j) and v_g(j), W apart; the slots' vectors N apart): δM_t's whole
+ * gradient
  *     δM(i) + s(i) M(i) + Σ_g w^r_g(i) δr_g(j) + Σ_g δdot_g(i) k_g(j)
  * (s: the slot's scale from its norm) replaces δM, the write is undone, M(i) −= Σ_g w^w_g(i)
- * k_g(j), and δk_g(j) += Σ_i δdot_g(i) M(i) + w^w_g(i) δM_t(i), the G sums in registers: one
- * per head for both terms, which with the 2G broadcast factors fit AVX2's 16 registers (a sum
- * per term did not, and spilled to the stack in the loop). */
+ * v_g(j), δk_g(j) += Σ_i δdot_g(i) M(i) and δv_g(j) += Σ_i w^w_g(i) δM_t(i), the sums in
+ * registers. Where v = k (ADD = 0, a literal) one sum per head takes both terms, which with
+ * the 2G broadcast factors fits AVX2's 16 registers (a sum per term did not, and spilled to the
+ * stack in the loop); with an add vector (ADD = 1) each has its own. */
 static inline __attribute__((always_inline)) void NAME(feature_row_blocks)(
     REAL *row, REAL *grad_row, const REAL *slot_scale, const REAL *read, const REAL *grad_dots,
-    const REAL *write, const REAL *grad_reads, const REAL *keys, REAL *grad_keys, int64_t N,
-    int64_t W, int64_t end, const int G) {
-    NAME(vec) sums[REGISTER_HEADS];
-    REAL grad_read[REGISTER_HEADS], key[REGISTER_HEADS];
+    const REAL *write, const REAL *grad_reads, const REAL *keys, const REAL *written,
+    REAL *grad_keys, REAL *grad_written, int64_t N, int64_t W, int64_t end, const int G,
+    const int ADD) {
+    NAME(vec) sums[REGISTER_HEADS], written_sums[REGISTER_HEADS];
+    REAL grad_read[REGISTER_HEADS], key[REGISTER_HEADS], value[REGISTER_HEADS];
     for (int g = 0; g < G; g++) {
         sums[g] = (NAME(vec)){0};
+        written_sums[g] = (NAME(vec)){0};
         grad_read[g] = grad_reads[g * W];
         key[g] = keys[g * W];
+        value[g] = ADD ? written[g * W] : key[g];
     }
     for (int64_t i = 0; i < end; i += LANES) {
         NAME(vec) m = NAME(load)(row + i);
@@ -271,19 +290,26 @@ static inline __attribute__((always_inline)) void NAME(feature_row_blocks)(
         }
         for (int g = 0; g < G; g++) {
             const NAME(vec) weights = NAME(load)(write + g * N + i);
-            sums[g] += weights * grad_m;
-            m -= weights * key[g];
+            if (ADD)
+                written_sums[g] += weights * grad_m;
+            else
+                sums[g] += weights * grad_m;
+            m -= weights * value[g];
         }
         NAME(store)(grad_row + i, grad_m);
         NAME(store)(row + i, m);
     }
-    for (int g = 0; g < G; g++) grad_keys[g * W] += NAME(lane_sum)(sums[g]);
+    for (int g = 0; g < G; g++) {
+        grad_keys[g * W] += NAME(lane_sum)(sums[g]);
+        if (ADD) grad_written[g * W] += NAME(lane_sum)(written_sums[g]);
+    }
 }
 
 /* δw^w's terms that need no pass over the memory (see memory_backward_step), for slots [0, end)
  * by blocks and G heads (a literal; the (R, N) arrays' rows N apart, the (R, R) products'
- * [h][g] at h·G + g): δw^w_g(i) += s(i) k_g·M_t(i) + Σ_h w^r_h(i) δr_h·k_g + δdot_h(i) k_h·k_g,
- * each δw^w_g read and written once per block instead of once per term. */
+ * [h][g] at h·G + g): δw^w_g(i) += s(i) v_g·M_t(i) + Σ_h w^r_h(i) δr_h·v_g + δdot_h(i) k_h·v_g
+ * (v the written vectors; `scores` v_g·M_t(i)), each δw^w_g read and written once per block
+ * instead of once per term. */
 static inline __attribute__((always_inline)) void NAME(write_terms_blocks)(
     REAL *grad_write, const REAL *slot_scale, const REAL *scores, const REAL *read,
     const REAL *grad_dots, const REAL *read_key_products, const REAL *key_products, int64_t N,
@@ -372,12 +398,13 @@ static void NAME(least_used_slots)(const REAL *usage, int64_t slots, int64_t cou
  * horizontal sums (slot-major rows of W = 40 would need one per slot and head). */
 static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
-    const int64_t Z = R * W + p->hidden, E = R * W + R;
+    const int64_t Z = R * W + p->hidden, E = NAME(head_size)(p);
     const REAL gamma = (REAL)p->usage_decay;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
-        REAL *keys = p->head + tb * E, *mix = keys + R * W; /* k, σ(α) */
+        REAL *keys = p->head + tb * E, *mix = keys + E - R; /* k, (a,) σ(α) */
+        const REAL *written = p->add_vector ? keys + R * W : keys; /* what the heads write */
         const REAL *usage = p->usage + tb * N, *read_before = p->read_weights + tb * R * N;
         REAL *memory = p->memory + b * W * N, *reads = p->z + next * Z + p->hidden;
         REAL *cleared = p->cleared + tb * W;
@@ -387,7 +414,7 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         REAL *scores = p->scores + tb * R * N;
         int64_t *least = p->least_used + tb * R;
         if (t == 0) NAME(start_from)(memory, p->initial_memory, b * W * N, W * N);
-        for (int64_t j = 0; j < R * W; j++) keys[j] = NAME(tanh_)(keys[j]);
+        for (int64_t j = 0; j < E - R; j++) keys[j] = NAME(tanh_)(keys[j]); /* k (and a) */
         for (int64_t r = 0; r < R; r++) mix[r] = NAME(sigmoid)(mix[r]);
         NAME(least_used_slots)(usage, N, R, least);
         /* w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu_{t-1} */
@@ -399,14 +426,22 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
             cleared[j] = memory[j * N + least[0]];
             memory[j * N + least[0]] = 0;
         }
-        /* M_t = M_{t-1} + Σ_r w^w_r k_rᵀ; with ‖M_t(i)‖² and k_r·M_t(i) (the latter kept for the
-         * backward pass) in the same pass: by blocks of slots, then slot by slot */
+        /* M_t = M_{t-1} + Σ_r w^w_r v_rᵀ (v = k, or a); with ‖M_t(i)‖² and k_r·M_t(i) (the latter
+         * kept for the backward pass) in the same pass: by blocks of slots, then slot by slot */
         const int64_t blocks_end = R <= REGISTER_HEADS ? N - N % LANES : 0;
         for (int64_t i = 0; i < blocks_end; i += LANES) {
-#define BLOCK(G)                                                                                  \
-    NAME(write_and_score_block)(memory + i, write + i, keys, scores + i, slot_norms + i, N, W, G)
-            WITH_LITERAL_HEADS(R, BLOCK)
+#define BLOCK(G, ADD)                                                                             \
+    NAME(write_and_score_block)(memory + i, write + i, keys, written, scores + i, slot_norms + i, \
+                                N, W, G, ADD)
+#define KEY_BLOCK(G) BLOCK(G, 0)
+#define ADD_BLOCK(G) BLOCK(G, 1)
+            if (p->add_vector)
+                WITH_LITERAL_HEADS(R, ADD_BLOCK)
+            else
+                WITH_LITERAL_HEADS(R, KEY_BLOCK)
 #undef BLOCK
+#undef KEY_BLOCK
+#undef ADD_BLOCK
         }
         for (int64_t i = blocks_end; i < N; i++) slot_norms[i] = 0;
         for (int64_t r = 0; r < R; r++)
@@ -414,9 +449,9 @@ static void NAME(memory_forward_step)(const NAME(LRUNTMBuffers) *p, int64_t t) {
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N;
             for (int64_t r = 0; r < R; r++) {
-                const REAL key = keys[r * W + j];
+                const REAL value = written[r * W + j];
                 const REAL *weights = write + r * N;
-                for (int64_t i = blocks_end; i < N; i++) row[i] += weights[i] * key;
+                for (int64_t i = blocks_end; i < N; i++) row[i] += weights[i] * value;
             }
             for (int64_t i = blocks_end; i < N; i++) slot_norms[i] += row[i] * row[i];
             for (int64_t r = 0; r < R; r++) {
@@ -507,28 +542,33 @@ static REAL NAME(cosine_backward)(int64_t N, const REAL *restrict weights,
  * Two passes over the memory, neither storing anything per head and slot as it goes (stores,
  * one per vector and cycle, bounded the passes that did): sums down each slot's features (δw^r
  * from the reads, and the carried δM's share of δw^w), then, after the softmax's and cosine's
- * backward, one along each feature (δM_t complete, δk, the write undone). The write's
- * δw^w_g(i) = Σ_j δM_t(j, i) k_g(j), with δM_t = δM + s(i) M_t(i) + Σ_h w^r_h(i) δr_h +
- * Σ_h δdot_h(i) k_h the complete gradient of M_t(i) (s: the scale of M(i) from its norm), is
- * taken apart so that only its first term needs the memory:
- *     δw^w_g(i) = Σ_j δM(j, i) k_g(j) + s(i) k_g·M_t(i)
- *                 + Σ_h w^r_h(i) δr_h·k_g + δdot_h(i) k_h·k_g,
- * where k_g·M_t(i) is the forward pass's score. */
+ * backward, one along each feature (δM_t complete, δk and δa, the write undone). The write's
+ * δw^w_g(i) = Σ_j δM_t(j, i) v_g(j) (v_g what head g writes: k_g, or a_g), with δM_t = δM +
+ * s(i) M_t(i) + Σ_h w^r_h(i) δr_h + Σ_h δdot_h(i) k_h the complete gradient of M_t(i) (s: the
+ * scale of M(i) from its norm), is taken apart so that only its first term needs the memory:
+ *     δw^w_g(i) = Σ_j δM(j, i) v_g(j) + s(i) v_g·M_t(i)
+ *                 + Σ_h w^r_h(i) δr_h·v_g + δdot_h(i) k_h·v_g,
+ * where k_g·M_t(i) is the forward pass's score, and a_g·M_t(i) a third sum of the first pass. */
 static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, int first,
                                        REAL *scratch) {
     const int64_t B = p->batch, R = p->heads, N = p->slots, W = p->width;
-    const int64_t Z = R * W + p->hidden, E = R * W + R;
+    const int64_t Z = R * W + p->hidden, E = NAME(head_size)(p);
     const REAL gamma = (REAL)p->usage_decay;
+    const int add = p->add_vector != 0;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         REAL *grad_write = scratch + THREAD_INDEX * NAME(backward_scratch_size)(p);
         REAL *grad_dots = grad_write + R * N;                              /* (R, N) each */
         REAL *slot_scale = grad_dots + R * N, *grad_keys = slot_scale + N; /* (N), (R, W) */
         REAL *key_scale = grad_keys + R * W, *grad_mix = key_scale + R;    /* (R), (R) */
-        REAL *key_products = grad_mix + R;          /* k_h·k_g, (R, R) */
-        REAL *read_key_products = key_products + R * R; /* δr_h·k_g, (R, R) */
+        REAL *key_products = grad_mix + R;          /* k_h·v_g, (R, R) */
+        REAL *read_key_products = key_products + R * R; /* δr_h·v_g, (R, R) */
+        REAL *grad_adds = read_key_products + R * R;    /* δa, (R, W) */
+        REAL *add_scores = grad_adds + R * W;           /* a_g·M_t(i), (R, N) */
         const int64_t tb = t * B + b, next = (t + 1) * B + b;
-        const REAL *keys = p->head + tb * E, *mix = keys + R * W;
+        const REAL *keys = p->head + tb * E, *mix = keys + E - R;
+        const REAL *written = add ? keys + R * W : keys; /* v, what the heads wrote */
+        REAL *grad_written = add ? grad_adds : grad_keys; /* δv */
         REAL *memory = p->memory + b * W * N; /* M_t here, M_{t-1} when the step is undone */
         const REAL *read = p->read_weights + next * R * N, *cleared = p->cleared + tb * W;
         const REAL *read_before = p->read_weights + tb * R * N;
@@ -566,15 +606,20 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                 grad_write[r * N + i] = grad_usage[i];
                 grad_read[r * N + i] += grad_usage[i];
             }
-        /* down each slot's features: δw^r_r(i) += δr_r·M(i), δw^w_r(i) += k_r·δM(i); by blocks of
-         * slots, up to REGISTER_HEADS heads at a time (each head's sums are its own), then slot
-         * by slot */
+        /* down each slot's features: δw^r_r(i) += δr_r·M(i), δw^w_r(i) += v_r·δM(i) (and with an
+         * add vector a_r·M_t(i)); by blocks of slots, up to REGISTER_HEADS heads at a time (each
+         * head's sums are its own), then slot by slot */
+        if (add)
+            for (int64_t i = 0; i < R * N; i++) add_scores[i] = 0;
         for (int64_t first = 0; first < R; first += REGISTER_HEADS) {
             const int64_t heads = R - first < REGISTER_HEADS ? R - first : REGISTER_HEADS;
 #define SUMS(BLOCKS, G)                                                                           \
     NAME(column_sums_blocks)(memory + i, grad_reads + first * W, grad_read + first * N + i, N, W, \
                              BLOCKS, G);                                                          \
-    NAME(column_sums_blocks)(grad_memory + i, keys + first * W, grad_write + first * N + i, N, W, \
+    NAME(column_sums_blocks)(grad_memory + i, written + first * W, grad_write + first * N + i, N, \
+                             W, BLOCKS, G);                                                       \
+    if (add)                                                                                      \
+    NAME(column_sums_blocks)(memory + i, written + first * W, add_scores + first * N + i, N, W,   \
                              BLOCKS, G)
 #define PAIR_SUMS(G) SUMS(2, G)
 #define BLOCK_SUMS(G) SUMS(1, G)
@@ -589,11 +634,12 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         for (int64_t j = 0; j < W; j++) {
             const REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
             for (int64_t r = 0; r < R; r++) {
-                const REAL grad = grad_reads[r * W + j], key = keys[r * W + j];
+                const REAL grad = grad_reads[r * W + j], value = written[r * W + j];
                 REAL *grad_weights = grad_read + r * N, *grad_writes = grad_write + r * N;
                 for (int64_t i = vectors_end; i < N; i++) {
                     grad_weights[i] += grad * row[i];
-                    grad_writes[i] += key * grad_row[i];
+                    grad_writes[i] += value * grad_row[i];
+                    if (add) add_scores[r * N + i] += value * row[i];
                 }
             }
         }
@@ -614,18 +660,19 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
         /* δw^w's terms that need no pass over the memory (see above) */
         for (int64_t h = 0; h < R; h++)
             for (int64_t g = 0; g < R; g++) {
-                key_products[h * R + g] = NAME(dot)(keys + h * W, keys + g * W, W);
-                read_key_products[h * R + g] = NAME(dot)(grad_reads + h * W, keys + g * W, W);
+                key_products[h * R + g] = NAME(dot)(keys + h * W, written + g * W, W);
+                read_key_products[h * R + g] = NAME(dot)(grad_reads + h * W, written + g * W, W);
             }
+        const REAL *written_scores = add ? add_scores : dots; /* v_g·M_t(i) */
         const int64_t blocks_end = R <= REGISTER_HEADS ? vectors_end : 0; /* all heads at once */
 #define TERMS(G)                                                                                  \
-    NAME(write_terms_blocks)(grad_write, slot_scale, dots, read, grad_dots, read_key_products,    \
-                             key_products, N, blocks_end, G)
+    NAME(write_terms_blocks)(grad_write, slot_scale, written_scores, read, grad_dots,             \
+                             read_key_products, key_products, N, blocks_end, G)
         if (blocks_end > 0) WITH_LITERAL_HEADS(R, TERMS)
 #undef TERMS
         for (int64_t g = 0; g < R; g++) {
             REAL *restrict grad_writes = grad_write + g * N;
-            const REAL *restrict score = dots + g * N;
+            const REAL *restrict score = written_scores + g * N;
             for (int64_t i = blocks_end; i < N; i++) grad_writes[i] += slot_scale[i] * score[i];
             for (int64_t h = 0; h < R; h++) {
                 const REAL *restrict weights = read + h * N, *restrict grad_dot = grad_dots + h * N;
@@ -634,11 +681,13 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                     grad_writes[i] += weights[i] * by_read + grad_dot[i] * by_key;
             }
         }
-        /* along each feature: δM_t complete into δM, δk_r += Σ_i δdot_r(i) M(i) + w^w_r(i)
-         * δM_t(i), the write undone (M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back)
-         * and the cleared slot's δ set to 0; by blocks of slots, then slot by slot */
+        /* along each feature: δM_t complete into δM, δk_r += Σ_i δdot_r(i) M(i), δv_r += Σ_i
+         * w^w_r(i) δM_t(i), the write undone (M_{t-1} = M_t − Σ_r w^w_r v_rᵀ, the cleared slot put
+         * back) and the cleared slot's δ set to 0; by blocks of slots, then slot by slot */
         for (int64_t r = 0; r < R; r++)
             for (int64_t j = 0; j < W; j++) grad_keys[r * W + j] = key_scale[r] * keys[r * W + j];
+        if (add)
+            for (int64_t j = 0; j < R * W; j++) grad_adds[j] = 0;
         for (int64_t j = 0; j < W; j++) {
             REAL *row = memory + j * N, *grad_row = grad_memory + j * N;
             if (b + 1 < B) /* the next sequence's memory and δM, which its first pass takes by
@@ -647,11 +696,17 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                     __builtin_prefetch(row + W * N + offset);
                     __builtin_prefetch(grad_row + W * N + offset);
                 }
-#define ROW(G)                                                                                    \
+#define ROW(G, ADD)                                                                               \
     NAME(feature_row_blocks)(row, grad_row, slot_scale, read, grad_dots, write, grad_reads + j,   \
-                             keys + j, grad_keys + j, N, W, blocks_end, G)
-            if (blocks_end > 0) WITH_LITERAL_HEADS(R, ROW)
+                             keys + j, written + j, grad_keys + j, grad_written + j, N, W,        \
+                             blocks_end, G, ADD)
+#define KEY_ROW(G) ROW(G, 0)
+#define ADD_ROW(G) ROW(G, 1)
+            if (blocks_end > 0 && add) WITH_LITERAL_HEADS(R, ADD_ROW)
+            if (blocks_end > 0 && !add) WITH_LITERAL_HEADS(R, KEY_ROW)
 #undef ROW
+#undef KEY_ROW
+#undef ADD_ROW
             for (int64_t i = blocks_end; i < N; i++) {
                 REAL m = row[i], grad_m = grad_row[i] + slot_scale[i] * m;
                 for (int64_t r = 0; r < R; r++)
@@ -659,8 +714,9 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
                               grad_dots[r * N + i] * keys[r * W + j];
                 for (int64_t r = 0; r < R; r++) {
                     const REAL weights = write[r * N + i];
-                    grad_keys[r * W + j] += grad_dots[r * N + i] * row[i] + weights * grad_m;
-                    m -= weights * keys[r * W + j];
+                    grad_keys[r * W + j] += grad_dots[r * N + i] * row[i];
+                    grad_written[r * W + j] += weights * grad_m;
+                    m -= weights * written[r * W + j];
                 }
                 grad_row[i] = grad_m;
                 row[i] = m;
@@ -676,15 +732,20 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
             grad_mix[r] = sum;
         }
         NAME(scale)(grad_usage, grad_usage, gamma, N);
-        const int64_t keys_end = R * W - R * W % LANES;
-        for (int64_t j = 0; j < keys_end; j += LANES) {
-            const NAME(vec) key = NAME(load)(keys + j);
-            NAME(store)(grad_head + j, NAME(load)(grad_keys + j) * ((REAL)1 - key * key));
+        /* through the tanh of k (and of a, which follows k in the head and δa δk in the scratch) */
+        for (int64_t part = 0; part < (add ? 2 : 1); part++) {
+            const REAL *values = keys + part * R * W, *grads = part ? grad_adds : grad_keys;
+            REAL *to = grad_head + part * R * W;
+            const int64_t values_end = R * W - R * W % LANES;
+            for (int64_t j = 0; j < values_end; j += LANES) {
+                const NAME(vec) value = NAME(load)(values + j);
+                NAME(store)(to + j, NAME(load)(grads + j) * ((REAL)1 - value * value));
+            }
+            for (int64_t j = values_end; j < R * W; j++)
+                to[j] = grads[j] * ((REAL)1 - values[j] * values[j]);
         }
-        for (int64_t j = keys_end; j < R * W; j++)
-            grad_head[j] = grad_keys[j] * ((REAL)1 - keys[j] * keys[j]);
         for (int64_t r = 0; r < R; r++)
-            grad_head[R * W + r] = grad_mix[r] * mix[r] * ((REAL)1 - mix[r]);
+            grad_head[E - R + r] = grad_mix[r] * mix[r] * ((REAL)1 - mix[r]);
     }
 }
 
@@ -710,7 +771,7 @@ static void NAME(controller_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t
  */
 int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
-    const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
+    const int64_t G = 4 * H, Z = RW + H, E = NAME(head_size)(p);
     const int64_t recurrent_size = NAME(packed_size)(Z, G);
     REAL *recurrent = NAME(packed_alloc)(recurrent_size + NAME(packed_size)(H, E));
     if (recurrent == NULL) return -1;
@@ -743,7 +804,7 @@ int NAME(lru_ntm_forward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
  * if the packed weights and the threads' scratch cannot be allocated. */
 int NAME(lru_ntm_backward)(const NAME(LRUNTMBuffers) *p, int64_t steps) {
     const int64_t B = p->batch, H = p->hidden, RW = p->heads * p->width;
-    const int64_t G = 4 * H, Z = RW + H, E = RW + p->heads;
+    const int64_t G = 4 * H, Z = RW + H, E = NAME(head_size)(p);
     const int64_t recurrent_size = NAME(packed_size)(G, Z), head_size = NAME(packed_size)(E, H);
     const int64_t scratch_size = p->threads * NAME(backward_scratch_size)(p);
     REAL *recurrent = NAME(packed_alloc)(recurrent_size + head_size + scratch_size);

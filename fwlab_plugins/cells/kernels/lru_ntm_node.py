@@ -8,7 +8,7 @@ lru_addressing`), which stays the reference. The input part u_t = W_x x_t + b co
 steps (one product, torch's); per step a kernel runs the two small products
 
     gates_t = u_t + [h_{t-1}, r_{t-1}] W_recᵀ
-    [k̃_t, α_t] = h_t W_headᵀ + b_head
+    [k̃_t, (ã_t,) α_t] = h_t W_headᵀ + b_head      (ã_t: with model.write_vector=add)
 
 the LSTM update, the LRU write, the content reads and the usage. Its backward pass runs the
 steps in reverse with the derivatives written out (the selections of least-used slots carry no
@@ -42,6 +42,9 @@ class Settings(NamedTuple):
     zero_start: int
     # 1: δh_0 and δr_0 are wanted (by the backward pass: the last step's δz_0 = δgates_0 W_rec)
     start_gradient: int
+    # 1: the heads write an add vector a_t = tanh(ã_t), the head layer's outputs being [k̃, ã, α]
+    # (model.write_vector=add); 0: they write their keys, the outputs [k̃, α]
+    add_vector: int
     usage_decay: float  # γ
 
 
@@ -83,9 +86,10 @@ def forward(
     usage_decay: float,
     zero_start: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """The node's forward: ``(u (T,B,4H), W_rec (4H, H+R·W), W_head (R·W+R, H), b_head, h_0,
+    """The node's forward: ``(u (T,B,4H), W_rec (4H, H+R·W), W_head (E, H), b_head, h_0,
     c_0, M_0, w^r_0, w^u_0, r_0, γ, zero_start) -> (outputs (B,T,H+R·W), h_T, c_T, M_T, w^r_T,
     w^u_T, r_T)``, the state as :class:`~fwlab_plugins.cells.lru_ntm.LRUNTMState` holds it.
+    E = R·W + R, the keys and gates, or 2·R·W + R with an add vector between them.
     ``u`` comes time-major, as the steps read it (a contiguous slice per step), and so does its
     gradient. ``zero_start``: the state is the fresh one, all zeros, and its tensors are not read
     (they may be broadcast views)."""
@@ -94,6 +98,9 @@ def forward(
     _, heads, slots = read_weights0.shape
     width = memory0.shape[-1]
     reads_size = heads * width
+    head_size = head_weights.shape[0]
+    if head_size not in (reads_size + heads, 2 * reads_size + heads):
+        raise ValueError(f"W_head has {head_size} rows: expected R·W + R or 2·R·W + R")
     new = input_part.new_empty
     tensors = {
         "input_part": input_part.contiguous(),
@@ -104,7 +111,7 @@ def forward(
         "cells": new(steps + 1, batch, hidden),
         "tanh_c": new(steps, batch, hidden),
         "z": new(steps + 1, batch, hidden + reads_size),  # [h_t, r_t]: from t = 1 the outputs
-        "head": new(steps, batch, reads_size + heads),
+        "head": new(steps, batch, head_size),
         "memory": new(batch, width, slots),  # M_t, the pass's own, updated in place
         "initial_memory": None if zero_start else slot_minor(memory0),
         "cleared": new(steps, batch, width),
@@ -136,6 +143,7 @@ def forward(
         threads=torch.get_num_threads(),
         zero_start=int(zero_start),
         start_gradient=0,  # the backward pass sets it, from what wants a gradient
+        add_vector=int(head_size > reads_size + heads),
         usage_decay=usage_decay,
     )
     passes.forward(settings, tensors, steps)
@@ -201,7 +209,7 @@ def backward(
         "grad_read_weights": carried(grad_read_weights, batch, heads, slots),
         "grad_usage": carried(grad_usage, batch, slots),
         "grad_gates": grad_z.new_empty(steps, batch, 4 * hidden),
-        "grad_head": grad_z.new_empty(steps, batch, reads_size + heads),
+        "grad_head": grad_z.new_empty(steps, batch, tensors["head"].shape[-1]),
     }
     # the backward pass undoes the steps' writes in its own memory, starting from M_T (which it
     # leaves as it is: the node's output, and a backward pass may run more than once)
