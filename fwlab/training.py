@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +253,22 @@ def release_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _clearer_fit_error(error: ValueError, run_dir: Path) -> Exception:
+    """A :class:`ConfigError` naming the key for a setting Lightning can only check once the
+    data is loaded (then the run directory, which holds no checkpoint yet, is named), or
+    ``error`` itself."""
+    found = re.search(r"`val_check_interval` \((\d+)\) .* training batches \((\d+)\)", str(error))
+    if found is None:
+        return error
+    interval, batches = found.groups()
+    return ConfigError(
+        f"trainer.val_check_interval={interval} is more than the {batches} training batches of "
+        "an epoch: give at most that, a fraction of the epoch (0.25), or "
+        "trainer.check_val_every_n_epoch=null to count it across epochs (stopped before "
+        f"training; the run directory is {run_dir})"
+    )
+
+
 def _train_and_evaluate(
     invocation: Invocation,
     config: DictConfig,
@@ -303,7 +320,10 @@ def _train_and_evaluate(
     results: dict[str, float] = {}
     evaluated: str | None = invocation.ckpt
     if invocation.command == "fit":
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        except ValueError as error:
+            raise _clearer_fit_error(error, run_dir) from None
         # (for a callback without a monitor, Lightning's "best" is the newest)
         evaluated = checkpoints.best_model_path or latest.best_model_path or None
         _record_best_in_wandb(logger, monitor, checkpoints.best_model_score)

@@ -147,6 +147,22 @@ def test_wandb_writes_offline_run_files_without_network(tmp_path):
     assert b"best/val/acc" in data
 
 
+def test_validating_less_often_than_an_epoch_allows_is_a_clear_error(tmp_path):
+    """Lightning checks trainer.val_check_interval against the epoch's batches only once the
+    data is loaded, and raised a ValueError with a traceback."""
+    result = run_fwlab(
+        "fit", "--model", "lstm", "--data", "retrieval", "data.train_size=640",
+        "trainer.val_check_interval=100", "logger=csv", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (
+        "fwlab: error: trainer.val_check_interval=100 is more than the 5 training batches of an "
+        "epoch" in result.stderr
+    )
+    assert not list(only_run_dir(tmp_path).glob("checkpoints/*.ckpt"))
+
+
 def test_a_bad_resume_path_is_a_clear_error(tmp_path):
     result = run_fwlab("fit", "--resume", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode == 2 and "no config.yaml" in result.stderr
