@@ -109,16 +109,22 @@ def force_gate(cell, value: float):
         cell.gate_layer.bias.fill_(value)
 
 
-def keys_of(cell, state, x):
-    """The keys the controller emits for input x from ``state``."""
+def controller_output(cell, state, x):
+    """h_t, the controller's output for input x from ``state``."""
     controller_input = torch.cat([x, state.reads.flatten(1)], dim=-1)
     h, _ = cell.controller(controller_input, (state.h, state.c))
-    return torch.tanh(cell.key_layer(h)).view(R, W)
+    return h
 
 
-def test_gate_near_zero_clears_the_least_used_slot_then_writes_there():
-    cell = make()
-    force_gate(cell, -50.0)  # σ(α) ≈ 0: write to the least-used slots
+def keys_of(cell, state, x):
+    """The keys the controller emits for input x from ``state``."""
+    return torch.tanh(cell.key_layer(controller_output(cell, state, x))).view(R, W)
+
+
+def step_writing_to_the_least_used(cell):
+    """One step with σ(α) ≈ 0 (write to the least-used slots: 2, then 1, of usages ordered
+    2, 1, 4, 3, 5, 0): the state before, the input, and the state after."""
+    force_gate(cell, -50.0)
     usage = torch.tensor([[0.9, 0.2, 0.05, 0.7, 0.3, 0.8]], dtype=torch.float64)
     memory = torch.randn(1, N, W, dtype=torch.float64)
     read_weights = torch.softmax(torch.randn(1, R, N, dtype=torch.float64), dim=-1)
@@ -126,6 +132,14 @@ def test_gate_near_zero_clears_the_least_used_slot_then_writes_there():
     x = torch.randn(1, 2, dtype=torch.float64)
     with torch.no_grad():
         _, new = cell.step(x, state)
+    return state, x, new
+
+
+def test_gate_near_zero_clears_the_least_used_slot_then_writes_there():
+    cell = make()
+    state, x, new = step_writing_to_the_least_used(cell)
+    memory = state.memory
+    with torch.no_grad():
         keys = keys_of(cell, state, x)
     written = keys.sum(0)  # every head writes its key to each of the R least-used slots
     torch.testing.assert_close(new.memory[0, 2], written)  # slot 2 was cleared, then written
@@ -154,16 +168,10 @@ def test_gate_near_one_writes_to_the_previously_read_slot():
 
 def test_with_an_add_vector_the_heads_write_it_and_read_by_their_keys():
     cell = make(write_vector="add")
-    force_gate(cell, -50.0)  # write to the least-used slots
-    usage = torch.tensor([[0.9, 0.2, 0.05, 0.7, 0.3, 0.8]], dtype=torch.float64)
-    memory = torch.randn(1, N, W, dtype=torch.float64)
-    read_weights = torch.softmax(torch.randn(1, R, N, dtype=torch.float64), dim=-1)
-    state = state_with(cell, usage, read_weights, memory)
-    x = torch.randn(1, 2, dtype=torch.float64)
+    state, x, new = step_writing_to_the_least_used(cell)
+    memory = state.memory
     with torch.no_grad():
-        _, new = cell.step(x, state)
-        h, _ = cell.controller(torch.cat([x, state.reads.flatten(1)], -1), (state.h, state.c))
-        added = torch.tanh(cell.add_layer(h)).view(R, W)
+        added = torch.tanh(cell.add_layer(controller_output(cell, state, x))).view(R, W)
         keys = keys_of(cell, state, x)
     assert not torch.allclose(added, keys)
     torch.testing.assert_close(new.memory[0, 2], added.sum(0))  # cleared, then a written
