@@ -254,9 +254,9 @@ def release_process_group() -> None:
 
 
 def _clearer_fit_error(error: ValueError, run_dir: Path) -> Exception:
-    """A :class:`ConfigError` naming the key for a setting Lightning can only check once the
-    data is loaded (then the run directory, which holds no checkpoint yet, is named), or
-    ``error`` itself."""
+    """A :class:`ConfigError` naming the key, for a setting Lightning can only check once the
+    data is loaded, after the run directory exists (the message names it), or ``error``
+    itself."""
     found = re.search(r"`val_check_interval` \((\d+)\) .* training batches \((\d+)\)", str(error))
     if found is None:
         return error

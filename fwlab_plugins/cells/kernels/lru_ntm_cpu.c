@@ -732,7 +732,7 @@ static void NAME(memory_backward_step)(const NAME(LRUNTMBuffers) *p, int64_t t, 
             grad_mix[r] = sum;
         }
         NAME(scale)(grad_usage, grad_usage, gamma, N);
-        /* through the tanh of k (and of a, which follows k in the head and δa δk in the scratch) */
+        /* through the tanh of k, and of a, which follows k in the head */
         for (int64_t part = 0; part < (add ? 2 : 1); part++) {
             const REAL *values = keys + part * R * W, *grads = part ? grad_adds : grad_keys;
             REAL *to = grad_head + part * R * W;
