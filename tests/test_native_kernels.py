@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fwlab.errors import ConfigError
 from fwlab_plugins.cells.bn_lstm import BNLSTMCell, BNLSTMConfig
 from fwlab_plugins.cells.kernels import bn_lstm_cpu, lru_ntm_cpu, native
 from fwlab_plugins.cells.lru_ntm import LRUNTMCell, LRUNTMConfig
 
-from .conftest import made_by
+from .conftest import fwlab_env, made_by, run_fwlab
 
 pytestmark = pytest.mark.skipif(
     native.unavailable_reason(bn_lstm_cpu.SOURCE) is not None, reason="no C compiler here"
@@ -105,9 +106,26 @@ def test_without_a_working_compiler_auto_runs_torch_and_c_says_why(
         outputs, _ = BNLSTMCell(2, BNLSTMConfig(hidden_size=5))(x)  # kernel=auto
     assert made_by(outputs, "BNLSTMSequence") and not made_by(outputs, "BNLSTMSequenceC")
     assert f"bn_lstm: plain PyTorch loop ({reason}" in caplog.text
-    with pytest.raises(RuntimeError, match=r"model\.kernel=c: " + reason.split("(")[0]):
-        BNLSTMCell(2, BNLSTMConfig(hidden_size=5, kernel="c"))(x)
+    expected = r"model\.kernel=c: " + reason.split("(")[0]
+    if compiler == "no-such-cc":  # no compiler at all: refused as the cell is built
+        with pytest.raises(ConfigError, match=expected + ".*model.kernel=auto runs bn_lstm"):
+            BNLSTMCell(2, BNLSTMConfig(hidden_size=5, kernel="c"))
+    else:  # one that fails is found by building, at the first batch
+        with pytest.raises(RuntimeError, match=expected):
+            BNLSTMCell(2, BNLSTMConfig(hidden_size=5, kernel="c"))(x)
     assert not list(fresh_build.glob("*.so"))
+
+
+def test_the_cli_refuses_kernel_c_without_a_compiler_before_writing_anything(tmp_path):
+    env = {**fwlab_env(tmp_path), "CC": "no-such-cc"}
+    result = run_fwlab(
+        "fit", "--model", "lru_ntm", "--data", "retrieval", "model.kernel=c", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "fwlab: error: model.kernel=c: no C compiler ('no-such-cc' is not on PATH" in (
+        result.stderr
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_unwritable_cache_is_reported_with_the_setting_that_moves_it(fresh_build, monkeypatch):

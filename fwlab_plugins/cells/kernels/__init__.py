@@ -34,9 +34,10 @@ class Kernel(str, Enum):
 
 def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
     """``model.kernel`` as a :class:`Kernel`, or a :class:`~fwlab.errors.ConfigError` if ``cell``
-    has no such kernel (``has``: the kernels it has besides ``auto`` and ``torch``) or if it is
-    ``triton`` on a machine where no Triton kernel can run. Checked as the cell is built, so
-    that such a run stops before it writes anything instead of at its first batch."""
+    has no such kernel (``has``: the kernels it has besides ``auto`` and ``torch``), if it is
+    ``triton`` on a machine where no Triton kernel can run, or ``c`` on one without a C
+    compiler. Checked as the cell is built, so that such a run stops before it writes anything
+    instead of at its first batch."""
     kernel = Kernel(kernel)
     takes = (Kernel.auto, *has, Kernel.torch)
     if kernel not in takes:
@@ -48,6 +49,12 @@ def check_kernel(kernel: Kernel, cell: str, has: tuple[Kernel, ...]) -> Kernel:
         reason = triton_unavailable()
         if reason:
             raise ConfigError(f"model.kernel=triton: {reason}; model.kernel=auto runs {cell}")
+    if kernel is Kernel.c:
+        from fwlab_plugins.cells.kernels import native
+
+        reason = native.compiler_missing()  # a compiler that fails shows at the first batch
+        if reason:
+            raise ConfigError(f"model.kernel=c: {reason}; model.kernel=auto runs {cell}")
     return kernel
 
 

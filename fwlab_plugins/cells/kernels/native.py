@@ -62,6 +62,16 @@ def _compiler() -> str:
     return compiler
 
 
+def compiler_missing() -> str | None:
+    """Why no C kernel can be built here, found without building one (no compiler on PATH), or
+    ``None``. A compiler that is there but fails is found only by building."""
+    try:
+        _compiler()
+    except NativeKernelUnavailable as error:
+        return str(error)
+    return None
+
+
 def _vector_flags() -> list[str]:
     """The widest vector extension torch itself uses on this CPU (x86 only; elsewhere the
     compiler's default target)."""
