@@ -30,10 +30,9 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rmsprop": torch.optim.RMSprop,
     "sgd": torch.optim.SGD,
 }
-_WITH_MOMENTUM = ("rmsprop", "sgd")
 # the option each optimiser-specific key is, and the optimisers that have it
 _SPECIFIC: dict[str, tuple[str, tuple[str, ...]]] = {
-    "momentum": ("momentum", _WITH_MOMENTUM),
+    "momentum": ("momentum", ("rmsprop", "sgd")),
     "rmsprop_decay": ("alpha", ("rmsprop",)),
 }
 

@@ -138,9 +138,10 @@ def use_triton(
         if not tensor.is_cuda:  # the CPU always takes the plain loop: nothing to report
             return False
         reason = _auto_fallback_reason(fits, slower)
-        _report_once(
-            f"{cell}: " + (f"plain PyTorch loop ({reason})" if reason else "Triton kernel")
-        )
+        if reason:
+            report_fallback(cell, reason)
+        else:
+            _report_once(f"{cell}: Triton kernel")
         return reason is None
     if not triton_installed():
         raise RuntimeError(f"{key}=triton needs the triton package (pip install triton)")
@@ -167,7 +168,10 @@ def wants_c(
         if tensor.device.type != "cpu":
             return False
         reason = unavailable()
-        _report_once(f"{cell}: " + (f"plain PyTorch loop ({reason})" if reason else "C kernel"))
+        if reason:
+            report_fallback(cell, reason)
+        else:
+            _report_once(f"{cell}: C kernel")
         return reason is None
     reason = unavailable()
     if reason:
