@@ -4,7 +4,8 @@
 #      its PyTorch reference, slow gradient checks included), which skip or run in Triton's
 #      interpreter elsewhere;
 #   2. the bench at the three standard shapes, every case in one process (--in-process: a
-#      subprocess per case costs more than its measurement there).
+#      subprocess per case costs more than its measurement there), with the LRU-NTM writing an
+#      add vector (the Omniglot preset's form) as an extra row.
 # Everything goes to OUTPUT_DIR (default gpu-checks/): the device, the test logs, the bench's
 # log and JSON. Each step has a time limit, so that a cut-off lease still leaves what was done.
 #
@@ -33,7 +34,8 @@ grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -n 20
 echo "== bench"
 # shellcheck disable=SC2086  # the shapes are words
 timeout "${BENCH_SECONDS:-600}" "$PYTHON" scripts/bench.py --device cuda --in-process \
-  --min-time 0.25 ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} --json "$out/bench-cuda.json" \
+  --min-time 0.25 ${BENCH_SHAPES:+--shapes $BENCH_SHAPES} --variants lru_ntm:write_vector=add \
+  --json "$out/bench-cuda.json" \
   > "$out/bench.log" 2>&1
 echo "bench: exit $? (its JSON holds every case measured, also when cut off)"
 grep -v "ms/iter" "$out/bench.log" | tail -n 45

@@ -28,10 +28,21 @@ FUSED = [
     ("bn_lstm", {}, 64),  # in float64; evaluation, shared statistics slots: test_bn_lstm.py
     # a memory whose sizes are not powers of two (the paper's 128 x 40, R = 4: test_lru_ntm.py)
     ("lru_ntm", {"memory_slots": 12, "memory_width": 5, "read_heads": 3}, 100),
+    # the same memory writing an add vector: a kernel of its own (ADD, a compile-time constant)
+    (
+        "lru_ntm",
+        {"memory_slots": 12, "memory_width": 5, "read_heads": 3, "write_vector": "add"},
+        100,
+    ),
 ]
 # (batch, steps, inputs, hidden): a batch that is not a whole number of tiles, a hidden size
 # that is not a power of two, one step, and (hidden 0) the widest hidden size the kernel takes
 SHAPES = [(19, 7, 3, 20), (2, 1, 2, 3), (5, 4, 6, 0)]
+
+
+def label(name: str, overrides: dict, widest: int) -> str:
+    """A row's name in test ids: the cell, and the written vector where the row sets one."""
+    return "-".join([name, *([overrides["write_vector"]] if "write_vector" in overrides else [])])
 
 
 @pytest.fixture
@@ -83,7 +94,7 @@ SLOW_IN_INTERPRETER = {("lru_ntm", (19, 7, 3, 20))} if DEVICE == "cpu" else set(
         pytest.param(
             *row,
             shape,
-            id=f"{'x'.join(map(str, shape))}-{row[0]}",
+            id=f"{'x'.join(map(str, shape))}-{label(*row)}",
             marks=[pytest.mark.slow] if (row[0], shape) in SLOW_IN_INTERPRETER else [],
         )
         for row in FUSED
@@ -113,7 +124,9 @@ SLOW_GRADIENT_CHECK = {"bn_lstm", "lru_ntm"} if DEVICE == "cpu" else set()
 @pytest.mark.parametrize(
     "name, overrides, widest",
     [
-        pytest.param(*row, marks=pytest.mark.slow) if row[0] in SLOW_GRADIENT_CHECK else row
+        pytest.param(
+            *row, id=label(*row), marks=[pytest.mark.slow] if row[0] in SLOW_GRADIENT_CHECK else []
+        )
         for row in FUSED
     ],
 )

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fwlab.errors import ConfigError
 from fwlab_plugins.cells import kernels
 from fwlab_plugins.cells import lru_addressing as addressing
 from fwlab_plugins.cells.kernels import lru_ntm_cpu
@@ -73,7 +72,16 @@ def naive_reference(cell: LRUNTMCell, x: torch.Tensor):
 
 NO_C_KERNEL = lru_ntm_cpu.unavailable_reason(torch.device("cpu"), torch.float64)
 C_KERNEL = pytest.mark.skipif(NO_C_KERNEL is not None, reason=f"no C kernel here: {NO_C_KERNEL}")
-KERNELS = ["torch", pytest.param("c", marks=C_KERNEL)]
+# the Triton kernel on CPU tensors: in Triton's interpreter (on a GPU: test_fused_kernels.py)
+TRITON_INTERPRETED = pytest.mark.skipif(
+    not (kernels.triton_installed() and kernels.interpreting()),
+    reason="needs triton and TRITON_INTERPRET=1",
+)
+KERNELS = [
+    "torch",
+    pytest.param("c", marks=C_KERNEL),
+    pytest.param("triton", marks=TRITON_INTERPRETED),
+]
 
 
 @pytest.mark.parametrize("write_vector", ["key", "add"])
@@ -181,29 +189,10 @@ def test_with_an_add_vector_the_heads_write_it_and_read_by_their_keys():
     torch.testing.assert_close(new.read_weights[0], torch.softmax(cosines, dim=-1))
 
 
-def test_an_add_vector_has_no_triton_kernel_and_a_key_writing_cell_keeps_its_parameters():
-    with pytest.raises(ConfigError, match="model.kernel=triton runs model.write_vector=key only"):
-        make(kernel="triton", write_vector="add")
-    # a key-writing cell keeps its parameters, so its checkpoints load as before
+def test_a_key_writing_cell_keeps_its_parameters():
+    # no add layer, so the checkpoints made before write_vector load as before
     assert not any("add_layer" in name for name, _ in make().named_parameters())
     assert make(write_vector="add").add_layer.weight.shape == (R * W, H)
-
-
-@C_KERNEL
-def test_on_cuda_auto_runs_an_add_vector_in_the_reference_loop_and_says_why(caplog):
-    from types import SimpleNamespace
-
-    cell = make(write_vector="add")  # kernel=auto
-    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0", shape=(2, 3, 2))
-    kernels._reported.clear()
-    with caplog.at_level("INFO"):
-        assert cell._sequence_node(on_cuda, torch.float32) is None
-    assert (
-        "fwlab: kernels: lru_ntm: plain PyTorch loop (model.write_vector=add: the Triton kernel "
-        "writes k_t only)" in caplog.text
-    )
-    x = torch.randn(2, 3, 2, dtype=torch.float64)
-    assert made_by(cell(x)[0], "LRUNTMSequenceC")  # the CPU's C kernel writes either
 
 
 def test_an_add_vector_passes_gradcheck_in_float64():
@@ -526,23 +515,8 @@ def test_c_kernel_leaves_the_callers_state_alone(width, slot_minor):
         assert torch.equal(got, want)
 
 
-def _triton_interpreting() -> bool:
-    from fwlab_plugins.cells import kernels
-
-    return kernels.triton_installed() and kernels.interpreting()
-
-
 @pytest.mark.parametrize(
-    "kernel",
-    [
-        pytest.param("c", marks=C_KERNEL),
-        pytest.param(
-            "triton",
-            marks=pytest.mark.skipif(
-                not _triton_interpreting(), reason="needs triton and TRITON_INTERPRET=1"
-            ),
-        ),
-    ],
+    "kernel", [pytest.param("c", marks=C_KERNEL), pytest.param("triton", marks=TRITON_INTERPRETED)]
 )
 def test_float32_kernel_gradients_are_as_accurate_as_the_pytorch_float32_loop(kernel):
     """The kernels undo each step's write in the backward pass, leaving float32 rounding in the
@@ -574,8 +548,9 @@ def test_float32_kernel_gradients_are_as_accurate_as_the_pytorch_float32_loop(ke
         assert kernel_error <= 10 * loop_error + 1e-6 * want.abs().max(), index
 
 
-# Compiles the Triton kernels for a CUDA GPU (sm_90) and prints each one's registers and stack
-# (spilled registers) per thread, from the machine code Triton's own ptxas made; no GPU needed.
+# Compiles the Triton kernels of both written vectors (ADD: the add vector, else the key) for a
+# CUDA GPU (sm_90) and prints each one's registers and stack (spilled registers) per thread, from
+# the machine code Triton's own ptxas made; no GPU needed.
 COMPILE_FOR_A_GPU = """
 import os, subprocess, sys, triton
 from triton.backends.compiler import GPUTarget
@@ -588,7 +563,9 @@ constants = {k: triton.next_power_of_2(v) for k, v in blocks.items()}
 constants |= dict(ROWS=kernels.ROWS, COLS=kernels.COLS)
 sizes = {"steps", "batch", "hidden", "heads", "slots", "width"}
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for kernel in (kernels._forward_kernel, kernels._backward_kernel):
+for kernel, add in [(k, a) for k in (kernels._forward_kernel, kernels._backward_kernel)
+                    for a in (False, True)]:
+    constants["ADD"] = add
     types = {
         name: "constexpr" if name in constants else "i32" if name in sizes
         else "*i64" if name == "least_used" else "*fp32"
@@ -599,11 +576,12 @@ for kernel in (kernels._forward_kernel, kernels._backward_kernel):
         ASTSource(kernel, types, where), target=GPUTarget("cuda", 90, 32),
         options={"num_warps": kernels.NUM_WARPS},
     )
-    path = os.path.join(sys.argv[1], kernel.fn.__name__ + ".cubin")
+    name = kernel.fn.__name__ + ("_add" if add else "_key")
+    path = os.path.join(sys.argv[1], name + ".cubin")
     with open(path, "wb") as file:
         file.write(compiled.asm["cubin"])
     usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
-    print(kernel.fn.__name__, [line.strip() for line in usage.stdout.splitlines() if "REG" in line])
+    print(name, [line.strip() for line in usage.stdout.splitlines() if "REG" in line])
 """
 
 
@@ -622,9 +600,10 @@ def _ptxas() -> str | None:
 def test_the_triton_kernels_compile_for_a_cuda_gpu(tmp_path):
     """Triton's interpreter runs what a GPU's compiler refuses (the kernels once read a plain
     global as a constant, where the compiler wants a constexpr); with no GPU here, both
-    kernels are compiled for one (sm_90, float32, the paper's memory) down to its machine code,
-    outside the interpreter. Each must fit the register file: 8 warps of at most 255 registers,
-    the rest spilled to the stack (reported by cuobjdump, printed here)."""
+    kernels of both written vectors are compiled for one (sm_90, float32, the paper's memory)
+    down to its machine code, outside the interpreter. Each must fit the register file: 8 warps
+    of at most 255 registers, the rest spilled to the stack (reported by cuobjdump, printed
+    here)."""
     import os
     import subprocess
     import sys
@@ -639,7 +618,9 @@ def test_the_triton_kernels_compile_for_a_cuda_gpu(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     print(done.stdout)
-    for name in ("_forward_kernel", "_backward_kernel"):
+    for name in [
+        f"_{way}_kernel_{form}" for way in ("forward", "backward") for form in ("key", "add")
+    ]:
         line = next(line for line in done.stdout.splitlines() if line.startswith(name))
         assert "REG:" in line and (tmp_path / f"{name}.cubin").stat().st_size > 0
 

@@ -79,7 +79,7 @@ class WriteVector(str, Enum):
 
     key = "key"  # its key k_t, as the paper's equation
     add = "add"  # a separate add vector a_t = tanh(W_a h_t + b_a), as public reproductions
-    # (the C kernel runs both; the Triton kernel, key only)
+    # (the C and Triton kernels run both)
 
 
 @dataclass
@@ -110,11 +110,6 @@ class LRUNTMCell(Cell):
                 f"got {heads}"
             )
         self.writes_add_vector = WriteVector(config.write_vector) is WriteVector.add
-        if self.writes_add_vector and self.kernel is Kernel.triton:
-            raise ConfigError(
-                "model.kernel=triton runs model.write_vector=key only; model.kernel=auto, c or "
-                "torch runs write_vector=add"
-            )
         self.controller = nn.LSTMCell(input_size + heads * width, config.hidden_size)
         self.key_layer = nn.Linear(config.hidden_size, heads * width)
         # a_t's layer only where it is used: a write_vector=key cell keeps its parameters (and
@@ -200,17 +195,11 @@ class LRUNTMCell(Cell):
 
             heads, slots, width = config.read_heads, config.memory_slots, config.memory_width
             batch, steps = x.shape[:2]
-            sizes = (self.hidden_size, heads, slots, width)
+            sizes = (self.hidden_size, heads, slots, width, self.writes_add_vector)
             elements = lru_ntm_triton.buffer_elements(batch, steps, *sizes)
             fits = lru_ntm_triton.fits(dtype, heads, slots, width, elements)
             return fits, lru_ntm_triton.slower()
 
-        if self.writes_add_vector and x.is_cuda and self.kernel is Kernel.auto:
-            if x.shape[1] > 0:  # the Triton kernel writes the key only (kernel=triton: refused)
-                kernels.report_fallback(
-                    "lru_ntm", "model.write_vector=add: the Triton kernel writes k_t only"
-                )
-            return None
         if kernels.wants_triton(self.kernel, x, "lru_ntm", fits_and_slower):
             from fwlab_plugins.cells.kernels import lru_ntm_triton
 

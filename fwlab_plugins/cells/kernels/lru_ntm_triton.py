@@ -5,13 +5,17 @@ Each program owns one sequence and runs all T steps, as ``lru_ntm_cpu.c`` does f
 (its comments give each buffer's meaning; the equations are in :mod:`~fwlab_plugins.cells.
 lru_ntm` and :mod:`~fwlab_plugins.cells.lru_addressing`). Per step t:
 
-    forward:   gates = u_t + W_rec [h_{t-1}, r_{t-1}],  the LSTM update,  [k̃, α] = W_head h_t + b
-               M(least used of w^u_{t-1}) = 0,  M += Σ_r w^w_r k_rᵀ,  w^r = softmax(cos(k, M)),
+    forward:   gates = u_t + W_rec [h_{t-1}, r_{t-1}],  the LSTM update,
+               [k̃, (ã,) α] = W_head h_t + b,  v = a = tanh ã (write_vector=add) or v = k (key)
+               M(least used of w^u_{t-1}) = 0,  M += Σ_r w^w_r v_rᵀ,  w^r = softmax(cos(k, M)),
                r_t = w^r M,  w^u_t = γ w^u_{t-1} + Σ_r w^r_r + w^w_r
     backward:  δM_t = δM + s ⊙ M_t + Σ_r w^r_r δr_rᵀ + δdot_r k_rᵀ   (s: the slot norms' share)
-               δw^w_r(i) = δw^u(i) + k_r·δM_t(i)
-               δk_r = s_r k_r + Σ_i δdot_r(i) M_t(i) + w^w_r(i) δM_t(i)
-               M_{t-1} = M_t − Σ_r w^w_r k_rᵀ with the cleared slot put back (the write undone)
+               δw^w_r(i) = δw^u(i) + v_r·δM_t(i)
+               δv_r = Σ_i w^w_r(i) δM_t(i),  δk_r = s_r k_r + Σ_i δdot_r(i) M_t(i) (+ δv_r: key)
+               M_{t-1} = M_t − Σ_r w^w_r v_rᵀ with the cleared slot put back (the write undone)
+
+``ADD`` (a compile-time constant) picks the written vector v: the kernel of each form has no
+code of the other's.
 
 The memory (N × W), its gradient, the usage and the read weightings stay in registers for all
 steps; the heads' work is one (R, N, W) tile. The two matrix-vector products per step read the
@@ -49,12 +53,15 @@ def fits(dtype: torch.dtype, heads: int, slots: int, width: int, elements: int) 
     )
 
 
-def buffer_elements(batch: int, steps: int, hidden: int, heads: int, slots: int, width: int) -> int:
+def buffer_elements(
+    batch: int, steps: int, hidden: int, heads: int, slots: int, width: int, add_vector: bool
+) -> int:
     """The elements of the largest buffer the kernels index (see :mod:`.lru_ntm_node`): the
-    per-step ones, (T + 1) × B × the widest row (4H gates, [r, h], [k̃, α], R × N weightings),
-    or the memory, B × W × N."""
+    per-step ones, (T + 1) × B × the widest row (4H gates, [r, h], [k̃, (ã,) α], R × N
+    weightings), or the memory, B × W × N."""
     reads_size = heads * width
-    row = max(4 * hidden, reads_size + hidden, reads_size + heads, heads * slots)
+    head_size = (2 if add_vector else 1) * reads_size + heads
+    row = max(4 * hidden, reads_size + hidden, head_size, heads * slots)
     return max((steps + 1) * batch * row, batch * width * slots)
 
 
@@ -97,6 +104,16 @@ def _matvec(
         if HAS_ADD:
             sums += tl.load(add + i, mask=i < rows, other=0.0)
         tl.store(out + i, sums, mask=i < rows)
+
+
+@triton.jit
+def _head_size(reads_size, heads, ADD: tl.constexpr):
+    """E, the head layer's outputs: [k̃, ã, α] (2·R·W + R) with an add vector, else [k̃, α]."""
+    if ADD:
+        size = 2 * reads_size + heads
+    else:
+        size = reads_size + heads
+    return size
 
 
 @triton.jit
@@ -160,10 +177,12 @@ def _forward_kernel(
     BLOCK_W: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     b = tl.program_id(0)
     reads_size = heads * width
-    Z, E, G = reads_size + hidden, reads_size + heads, 4 * hidden
+    Z, E, G = reads_size + hidden, _head_size(reads_size, heads, ADD), 4 * hidden
+    mix_at = E - heads  # σ(α) after [k̃, ã] or k̃
     gamma = tl.load(usage_decay)
     k_h, r, n, w, h_mask, r_mask, n_mask, rn_mask, rw_mask, nw_mask, rn, rw, nw = _tiles(
         hidden, heads, slots, width, BLOCK_H, BLOCK_R, BLOCK_N, BLOCK_W
@@ -199,9 +218,14 @@ def _forward_kernel(
                 E, hidden, True, ROWS, COLS)  # fmt: skip
         tl.debug_barrier()
         keys = tanh(tl.load(head + row * E + rw, mask=rw_mask, other=0.0))
-        mix = sigmoid(tl.load(head + row * E + reads_size + r, mask=r_mask, other=0.0))
+        mix = sigmoid(tl.load(head + row * E + mix_at + r, mask=r_mask, other=0.0))
         tl.store(head + row * E + rw, keys, mask=rw_mask)
-        tl.store(head + row * E + reads_size + r, mix, mask=r_mask)
+        tl.store(head + row * E + mix_at + r, mix, mask=r_mask)
+        if ADD:  # the add vector a_t = tanh(ã), kept for the backward pass as the keys are
+            written = tanh(tl.load(head + row * E + reads_size + rw, mask=rw_mask, other=0.0))
+            tl.store(head + row * E + reads_size + rw, written, mask=rw_mask)
+        else:
+            written = keys
         # the R least-used slots of w^u_{t-1}, least first, ties to the lower slot
         remaining = tl.where(n_mask, used, float("inf"))
         least = tl.zeros([BLOCK_N], dtype=M.dtype)
@@ -221,7 +245,7 @@ def _forward_kernel(
         tl.store(cleared + row * width + w, tl.sum(tl.where(is_first, M, 0.0), axis=0),
                  mask=w < width)  # fmt: skip
         M = tl.where(is_first, 0.0, M)
-        M += tl.sum(write[:, :, None] * keys[:, None, :], axis=0)
+        M += tl.sum(write[:, :, None] * written[:, None, :], axis=0)
         # content reads: w^r = softmax_i(k·M(i) / (‖k‖ ‖M(i)‖ + ε)), a cosine in [−1, 1]
         slot_norm = tl.sqrt(tl.sum(M * M, axis=1))
         key_norm = tl.sqrt(tl.sum(keys * keys, axis=1))
@@ -280,10 +304,12 @@ def _backward_kernel(
     BLOCK_W: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     b = tl.program_id(0)
     reads_size = heads * width
-    Z, E, G = reads_size + hidden, reads_size + heads, 4 * hidden
+    Z, E, G = reads_size + hidden, _head_size(reads_size, heads, ADD), 4 * hidden
+    mix_at = E - heads  # σ(α) after [k̃, ã] or k̃
     gamma = tl.load(usage_decay)
     k_h, r, n, w, h_mask, r_mask, n_mask, rn_mask, rw_mask, nw_mask, rn, rw, nw = _tiles(
         hidden, heads, slots, width, BLOCK_H, BLOCK_R, BLOCK_N, BLOCK_W
@@ -298,7 +324,11 @@ def _backward_kernel(
         t = steps - 1 - step
         row, next_row = t * batch + b, (t + 1) * batch + b
         keys = tl.load(head + row * E + rw, mask=rw_mask, other=0.0)
-        mix = tl.load(head + row * E + reads_size + r, mask=r_mask, other=0.0)
+        mix = tl.load(head + row * E + mix_at + r, mask=r_mask, other=0.0)
+        if ADD:
+            written = tl.load(head + row * E + reads_size + rw, mask=rw_mask, other=0.0)
+        else:
+            written = keys
         read = tl.load(read_weights + next_row * heads * slots + rn, mask=rn_mask, other=0.0)
         read_before = tl.load(read_weights + row * heads * slots + rn, mask=rn_mask, other=0.0)
         write = tl.load(write_weights + row * heads * slots + rn, mask=rn_mask, other=0.0)
@@ -334,15 +364,20 @@ def _backward_kernel(
             read[:, :, None] * grad_reads[:, None, :] + grad_dots[:, :, None] * keys[:, None, :],
             axis=0,
         )
-        # the write M_t = M + Σ_r w^w_r k_rᵀ: δw^w (with the usage's δw^u) and δk
+        # the write M_t = M + Σ_r w^w_r v_rᵀ: δw^w (with the usage's δw^u), δv and δk
         grad_write = tl.where(rn_mask, grad_used[None, :], 0.0)
-        grad_write += tl.sum(keys[:, None, :] * grad_M[None, :, :], axis=2)
+        grad_write += tl.sum(written[:, None, :] * grad_M[None, :, :], axis=2)
+        grad_written = tl.sum(write[:, :, None] * grad_M[None, :, :], axis=1)
         grad_keys = key_scale[:, None] * keys
         grad_keys += tl.sum(grad_dots[:, :, None] * M[None, :, :], axis=1)
-        grad_keys += tl.sum(write[:, :, None] * grad_M[None, :, :], axis=1)
-        # undone: M_{t-1} = M_t − Σ_r w^w_r k_rᵀ, the cleared slot put back (and its δ 0)
+        if ADD:
+            grad_adds = grad_written * (1.0 - written * written)
+            tl.store(grad_head + row * E + reads_size + rw, grad_adds, mask=rw_mask)
+        else:
+            grad_keys += grad_written
+        # undone: M_{t-1} = M_t − Σ_r w^w_r v_rᵀ, the cleared slot put back (and its δ 0)
         is_first = n[:, None] == first
-        M -= tl.sum(write[:, :, None] * keys[:, None, :], axis=0)
+        M -= tl.sum(write[:, :, None] * written[:, None, :], axis=0)
         M = tl.where(is_first, tl.load(cleared + row * width + w, mask=w < width)[None, :], M)
         grad_M = tl.where(is_first, 0.0, grad_M)
         # w^w = σ(α) w^r_{t-1} + (1 − σ(α)) w^lu: δσ(α), and δw^r_{t-1}
@@ -350,7 +385,7 @@ def _backward_kernel(
         grad_read = tl.where(rn_mask, mix[:, None] * grad_write, 0.0)
         grad_used = gamma * grad_used
         tl.store(grad_head + row * E + rw, grad_keys * (1.0 - keys * keys), mask=rw_mask)
-        tl.store(grad_head + row * E + reads_size + r, grad_mix * mix * (1.0 - mix), mask=r_mask)
+        tl.store(grad_head + row * E + mix_at + r, grad_mix * mix * (1.0 - mix), mask=r_mask)
         tl.debug_barrier()
         # δh_t += W_headᵀ δ[k̃, α]
         grad_h = grad_z + next_row * Z
@@ -434,6 +469,7 @@ class _TritonPasses:
                 BLOCK_W=triton.next_power_of_2(width),
                 ROWS=ROWS,
                 COLS=COLS,
+                ADD=bool(settings.add_vector),
                 num_warps=NUM_WARPS,
             )
 
