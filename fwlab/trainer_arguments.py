@@ -2,6 +2,8 @@
 before a run starts: the arguments' names, and from their annotations the values a YAML file or
 a ``key=value`` argument can give them (``trainer.max_steps=abc`` is refused there, naming the
 key, instead of failing inside Lightning with a traceback after the run directory exists).
+What only Lightning can judge, as a ``Trainer`` is built (an accelerator the machine lacks, an
+unknown strategy, ``devices=0``), :func:`check_settings` asks it before the run directory exists.
 
 A config's values are plain data: integers, numbers, strings, booleans, null, lists, mappings.
 An annotation's other members (an ``Accelerator``, a ``timedelta``) are objects no config value
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import re
 import types
 import typing
 from typing import Any, Literal
+
+from fwlab.errors import ConfigError
 
 _SCALARS: dict[Any, str] = {
     bool: "true or false",
@@ -111,3 +117,45 @@ def _describe(members: list[Any]) -> str:
     if choices:
         words.insert(0, f"one of {', '.join(choices)}")
     return " or ".join(words)
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``lightning.Trainer`` refuses the ``trainer.*`` settings as
+    it is built, naming the setting its message points at (all of them where it points at none).
+
+    A throwaway ``Trainer`` is built from them, with no logger and quietly (it writes nothing
+    as it is built; the run's own is built once the run directory exists): ~5 ms."""
+    import lightning
+
+    log = logging.getLogger("lightning.pytorch")  # "GPU available: ..." once, not twice
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        lightning.Trainer(**{**settings, "logger": False})
+    except Exception as error:  # noqa: BLE001 - whatever Lightning raises for a setting
+        message = " ".join(str(error).split()) or type(error).__name__
+        named = _pointed_at(settings, message)
+        shown = ", ".join(f"trainer.{key}={settings[key]}" for key in named)
+        raise ConfigError(
+            f"{shown}: lightning.Trainer refuses {'it' if len(named) == 1 else 'one of them'}: "
+            f"{message} (stopped before anything was written)"
+        ) from None
+    finally:
+        log.setLevel(level)
+
+
+def _pointed_at(settings: dict[str, Any], message: str) -> list[str]:
+    """The settings ``message`` points at: by ``key=`` or `` `key` `` as Lightning writes them,
+    else by the key's name, else by a string value it quotes ("No supported gpu backend" for
+    accelerator=gpu); all of them where nothing matches."""
+    lower = message.lower()
+    tiers = [
+        lambda key: f"{key}=" in message or f"`{key}`" in message,
+        lambda key: re.search(rf"\b{re.escape(key)}\b", lower) is not None,
+        lambda key: isinstance(settings[key], str) and settings[key].lower() in lower,
+    ]
+    for matches in tiers:
+        named = [key for key in settings if matches(key)]
+        if named:
+            return named
+    return list(settings)

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from fwlab import trainer_arguments
 from fwlab.config import (
     GENERIC_MODEL,
     LoggerConfig,
@@ -210,9 +211,10 @@ def run(invocation: Invocation) -> int:
     # Load the data now: a missing or malformed dataset fails before a run directory exists.
     # (Lightning calls setup() again; fwlab's datamodules return at once the second time.)
     datamodule.setup("fit" if invocation.command == "fit" else invocation.command)
+    plain = to_plain(config)
+    trainer_arguments.check_settings(plain["trainer"])  # and what Lightning refuses, too
 
     name = config.run_name or ""
-    plain = to_plain(config)
     inherited = os.environ.get(RUN_DIR_ENV_VAR)
     if inherited:
         run_dir, config_path = _job_run_dir(Path(inherited), to_yaml(config))

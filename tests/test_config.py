@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fwlab import trainer_arguments
 from fwlab.config import compose, config_dir, dataclass_from, group_choices
 from fwlab.errors import ConfigError
 from fwlab.optim import OptimConfig, make_optimizer
@@ -155,6 +156,40 @@ def test_trainer_values_lightning_takes_pass(override):
     make(override)
 
 
+@pytest.mark.parametrize(
+    ("settings", "named", "expected"),
+    [
+        # what only Lightning judges, as a Trainer is built: named by how its message points
+        ({"devices": 0, "max_epochs": 3}, "trainer.devices=0: ", "`Trainer(devices=0)`"),
+        ({"strategy": "nonsense", "max_epochs": 3}, "trainer.strategy=nonsense: ", "strategy"),
+        ({"max_epochs": -5, "devices": 1}, "trainer.max_epochs=-5: ", "non-negative integer"),
+        ({"gradient_clip_algorithm": "foo"}, "trainer.gradient_clip_algorithm=foo: ", "foo"),
+        # by the value it quotes: "No supported gpu backend found!"
+        pytest.param(
+            {"accelerator": "gpu", "max_epochs": 3},
+            "trainer.accelerator=gpu: ",
+            "gpu backend",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Lightning takes it here"),
+        ),
+    ],
+)
+def test_a_trainer_setting_lightning_refuses_as_it_is_built_names_the_key(
+    settings, named, expected
+):
+    with pytest.raises(ConfigError) as error:
+        trainer_arguments.check_settings(settings)
+    message = str(error.value)
+    assert message.startswith(named + "lightning.Trainer refuses it: "), message
+    assert expected in message and message.endswith("(stopped before anything was written)")
+
+
+def test_a_refused_trainer_setting_its_message_does_not_point_at_names_them_all():
+    settings = {"accelerator": "cpu", "devices": 1}
+    problem = "Requirement 'torch_xla>=1.13' not met"
+    assert trainer_arguments._pointed_at(settings, problem) == ["accelerator", "devices"]
+    trainer_arguments.check_settings(settings | {"max_epochs": 3})  # and a good one passes
+
+
 def test_a_trainer_value_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("trainer:\n  max_epochs: ten\n")
@@ -230,6 +265,9 @@ def test_there_are_experiment_presets():
         ("model.kernel=triton", ["model.kernel=triton: needs", "model.kernel=auto runs"]),
         # found by the optimiser's check, which used to run only once Lightning had started
         ("optim.name=adagrad", ["optim.name='adagrad' is not known", "rmsprop or sgd"]),
+        # refused by Lightning as its Trainer is built, which was once after the run directory
+        # (the command's environment hides any GPU: CUDA_VISIBLE_DEVICES is empty)
+        ("trainer.accelerator=gpu", ["trainer.accelerator=gpu: lightning.Trainer refuses it"]),
     ],
 )
 def test_cli_reports_config_errors_and_writes_nothing(tmp_path, override, expected):
