@@ -296,3 +296,13 @@ def test_print_config_prints_the_resolved_config(tmp_path):
     assert printed.model.name == "lstm" and printed.model.hidden_size == 21
     assert printed.trainer.max_epochs > 0
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_output_dir_that_cannot_be_made_names_the_key(tmp_path):
+    from fwlab.rundir import create_run_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a file where the folder would go: refused even to root
+    with pytest.raises(ConfigError, match=f"output_dir={blocker}/runs: cannot make a run dir"):
+        create_run_dir(blocker / "runs", "fit", "lstm", "retrieval")
+    assert create_run_dir(tmp_path / "runs", "fit", "lstm").parent == tmp_path / "runs"
