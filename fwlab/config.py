@@ -246,10 +246,24 @@ def check_trainer_keys(values: dict[str, Any], source: str) -> None:
             )
 
 
+def _check_names(fragment: dict[str, Any], config: DictConfig, source: str) -> None:
+    """Refuse a ``model.name`` or ``data.name`` other than the one the config was built for:
+    its fields are the chosen plugin's, so another name would build a plugin from them."""
+    for group in ("model", "data"):
+        section = fragment.get(group)
+        name = section.get("name") if isinstance(section, dict) else None
+        if name is not None and name != config[group].name:
+            raise ConfigError(
+                f"{group}.name={name} (from {source}): this run's {group} is "
+                f"{config[group].name}; choose another with --{group} {name}"
+            )
+
+
 def merge_checked(config: DictConfig, fragment: dict[str, Any], source: str) -> DictConfig:
     """Merge ``fragment`` into ``config`` after checking its keys; bad values (of the wrong type,
     or outside a field's bounds) name the key."""
     check_keys(fragment, config, source)
+    _check_names(fragment, config, source)
     if "published" in fragment:
         check_entries(fragment["published"], source)
     try:

@@ -197,6 +197,18 @@ def test_a_trainer_value_in_a_file_names_the_file(tmp_path):
         make(config_files=[path])
 
 
+def test_another_plugin_name_as_a_key_is_refused_with_the_option_that_chooses_it(tmp_path):
+    # the fields are the chosen plugin's: data.name=omniglot built omniglot from retrieval's
+    # fields (a KeyError traceback)
+    with pytest.raises(ConfigError, match="data.name=omniglot .*is retrieval; .*--data omniglot"):
+        make("data.name=omniglot")
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: lstm\n")
+    with pytest.raises(ConfigError, match=f"model.name=lstm \\(from {path}\\).*--model lstm"):
+        make(config_files=[path])
+    assert make("data.name=retrieval").data.name == "retrieval"  # its own name is no change
+
+
 def test_keys_fwlab_sets_itself_are_refused_with_the_alternative():
     with pytest.raises(ConfigError, match="trainer.logger.*logger=wandb\\|csv\\|none"):
         make("trainer.logger=false")
