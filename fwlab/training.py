@@ -126,6 +126,36 @@ def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, P
     return None, "", None
 
 
+def _check_weights_fit(model: L.LightningModule, path: Path, flag: str, config: DictConfig) -> None:
+    """Stop before anything is written when a checkpoint's weights do not fit the model the
+    config builds: an override changed the network of the run being resumed or evaluated
+    (``model.hidden_size=...``). Lightning finds it only as it loads them, with a traceback,
+    once the run's files are written."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    stored, built = checkpoint.get("state_dict", {}), model.state_dict()
+    misfits = [
+        f"{key} is {tuple(value.shape)} there, {tuple(built[key].shape)} here"
+        for key, value in stored.items()
+        if key in built and value.shape != built[key].shape
+    ]
+    if getattr(model, "strict_loading", True):  # as Lightning loads them
+        misfits += [f"{key} is only there" for key in stored if key not in built]
+        misfits += [f"{key} is only here" for key in built if key not in stored]
+    if not misfits:
+        return
+    saved = checkpoint.get(CHECKPOINT_CONFIG_KEY, {}).get("model", {})
+    now = to_plain(config)["model"]
+    changed = [f"model.{key}={now.get(key)} (was {was})" for key, was in saved.items()
+               if now.get(key) != was]  # fmt: skip
+    more = f" and {len(misfits) - 2} more" if len(misfits) > 2 else ""
+    cause = f", after {', '.join(changed)}" if changed else ""
+    raise ConfigError(
+        f"{flag} {path}: its weights do not fit the model this config builds "
+        f"({'; '.join(misfits[:2])}{more}){cause}. A resumed or evaluated run keeps the network "
+        "it was trained with (nothing was written)"
+    )
+
+
 def _resume_checkpoint(run_dir: Path) -> Path:
     path = _newest_checkpoint(run_dir)
     if path is None:
@@ -208,6 +238,10 @@ def run(invocation: Invocation) -> int:
     L.seed_everything(config.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(MatmulPrecision(config.float32_matmul_precision).value)
     model, datamodule = build_model_and_data(config, registry)
+    if resume_from is not None:
+        _check_weights_fit(model, resume_from, "--resume", config)
+    elif invocation.ckpt:
+        _check_weights_fit(model, Path(invocation.ckpt), "--ckpt", config)
     # Load the data now: a missing or malformed dataset fails before a run directory exists.
     # (Lightning calls setup() again; fwlab's datamodules return at once the second time.)
     datamodule.setup("fit" if invocation.command == "fit" else invocation.command)

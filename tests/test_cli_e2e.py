@@ -104,6 +104,26 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
 
 
+def test_a_resumed_or_evaluated_run_keeps_its_network_and_a_change_writes_nothing(tmp_path):
+    first = run_fwlab(
+        "fit", "--model", "lstm", "--data", "retrieval", *SMALL, "trainer.max_steps=2",
+        "logger=csv", cwd=tmp_path,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    written = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    for command in (["fit", "--resume", str(run_dir)], ["test", "--ckpt", last]):
+        changed = run_fwlab(*command, "model.hidden_size=33", cwd=tmp_path)
+        assert changed.returncode == 2, changed.stderr[-3000:]
+        assert "Traceback" not in changed.stderr
+        assert "its weights do not fit the model this config builds" in changed.stderr
+        assert "(400, 100) there, (132, 100) here" in changed.stderr  # the LSTM's 4H rows
+        assert "after model.hidden_size=33 (was 100)" in changed.stderr
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == written
+        assert only_run_dir(tmp_path) == run_dir  # and no run directory of its own
+
+
 def test_last_ckpt_holds_the_final_step_when_validation_stops_improving(tmp_path):
     """Lightning's save_last writes last.ckpt only when it writes a best checkpoint: a run whose
     validation metric stopped improving kept its best step as last.ckpt, and --resume went back
