@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from fwlab.errors import ConfigError
 from fwlab.targets import get_target
 from fwlab_plugins.data.gp_regression import (
     GPRegressionConfig,
@@ -113,3 +115,10 @@ def test_regression_target_losses_and_baseline_metric():
     nll.update_metrics(metrics, predictions, targets, [torch.full((2, 3), 0.5)])
     values = metrics.compute()
     assert values["mse"].item() == 1.0 and abs(values["baseline_mse"].item() - 0.25) < 1e-7
+
+
+def test_an_empty_or_reversed_range_of_x_is_a_clear_error():
+    for low, high in ((5.0, 5.0), (5.0, -5.0)):
+        with pytest.raises(ConfigError, match=f"data.x_low={low}, data.x_high={high}: x_low must"):
+            GPRegressionDataModule(GPRegressionConfig(x_low=low, x_high=high))
+    GPRegressionDataModule(GPRegressionConfig(x_low=-1.0, x_high=1.0))

@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from fwlab.bounds import bounded
 from fwlab.datamodule import DataConfig, DataModule
+from fwlab.errors import ConfigError
 from fwlab.spec import DataSpec
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -127,6 +128,14 @@ class GPRegressionDataModule(DataModule):
     """Few-shot GP regression episodes: input (x_t, y_{t-1}), target y_t (Santoro et al. 2016)."""
 
     Config = GPRegressionConfig
+
+    def __init__(self, config: GPRegressionConfig) -> None:
+        if not config.x_low < config.x_high:  # x_t ~ U(x_low, x_high)
+            raise ConfigError(
+                f"data.x_low={config.x_low}, data.x_high={config.x_high}: x_low must be below "
+                "x_high (the points are drawn uniformly between them)"
+            )
+        super().__init__(config)
 
     @property
     def spec(self) -> DataSpec:
