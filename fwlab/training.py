@@ -126,6 +126,25 @@ def _saved_config(invocation: Invocation) -> tuple[dict[str, Any] | None, str, P
     return None, "", None
 
 
+# the splits a command cannot do without (fit may validate on none: it then tests the last
+# weights, saying so)
+_NEEDED_SPLITS = {"fit": ("train", "test"), "validate": ("val",), "test": ("test",)}
+
+
+def _check_splits_not_empty(datamodule: L.LightningDataModule, command: str, name: str) -> None:
+    """Stop before anything is written when a split the command needs holds no examples (split
+    fractions or sizes that leave it empty): Lightning would skip it, and ``fit`` would fail
+    only at its final test, after training."""
+    datasets = getattr(datamodule, "datasets", {})  # fwlab's DataModule: filled by setup()
+    for split in _NEEDED_SPLITS.get(command, ()):
+        dataset = datasets.get(split)
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ConfigError(
+                f"the {split} split of data {name} holds no examples, and fwlab {command} needs "
+                "it: check the data.* settings that size the splits (nothing was written)"
+            )
+
+
 def _check_weights_fit(model: L.LightningModule, path: Path, flag: str, config: DictConfig) -> None:
     """Stop before anything is written when a checkpoint's weights do not fit the model the
     config builds: an override changed the network of the run being resumed or evaluated
@@ -245,6 +264,7 @@ def run(invocation: Invocation) -> int:
     # Load the data now: a missing or malformed dataset fails before a run directory exists.
     # (Lightning calls setup() again; fwlab's datamodules return at once the second time.)
     datamodule.setup("fit" if invocation.command == "fit" else invocation.command)
+    _check_splits_not_empty(datamodule, invocation.command, config.data.name)
     plain = to_plain(config)
     trainer_arguments.check_settings(plain["trainer"])  # and what Lightning refuses, too
 

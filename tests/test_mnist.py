@@ -173,3 +173,17 @@ def test_a_missing_dataset_fails_before_a_run_directory_is_made(tmp_path):
     )
     assert result.returncode == 2 and "no MNIST idx files under data.root=" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_split_the_command_needs_left_empty_fails_before_a_run_directory_is_made(tmp_path):
+    """The fit trained, then failed at its final test with an IndexError traceback."""
+    from .conftest import run_fwlab
+
+    write_idx_set(tmp_path, "t10k", *random_digits(40, seed=0))
+    result = run_fwlab(
+        "fit", "--model", "lstm", "--data", "seqmnist", f"data.root={tmp_path}",
+        "data.pool_fractions=[1.0,0.0,0.0]", "logger=none", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "the test split of data seqmnist holds no examples, and fwlab fit needs" in result.stderr
+    assert not (tmp_path / "runs").exists()
