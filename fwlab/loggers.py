@@ -55,6 +55,20 @@ def wandb_online(mode: str) -> bool:
     return wandb_credentials_exist(host) and wandb_server_answers(host)
 
 
+def check_logger(config: LoggerConfig) -> None:
+    """Raise :class:`ConfigError`, before the run directory exists, for a W&B logger asked to
+    log online (``logger.mode=online``) with no credentials: W&B would refuse it once the run's
+    files were written."""
+    if config.name != "wandb" or not wandb_online(config.mode):
+        return
+    host = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_HOST)
+    if config.mode == "online" and not wandb_credentials_exist(host):
+        raise ConfigError(
+            f"logger.mode=online: no W&B API key for {host} here (run `wandb login`, or set "
+            "WANDB_API_KEY); logger.mode=auto writes offline run files without one"
+        )
+
+
 def make_logger(config: LoggerConfig, run_dir: Path, run_name: str) -> Logger | None:
     """The logger for a run writing into ``run_dir``; W&B reuses the run id stored there, so a
     resumed run continues the same W&B run."""

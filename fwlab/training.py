@@ -28,7 +28,7 @@ from fwlab.config import (
     to_yaml,
 )
 from fwlab.errors import ConfigError
-from fwlab.loggers import WANDB_ID_FILE, make_logger
+from fwlab.loggers import WANDB_ID_FILE, check_logger, make_logger
 from fwlab.objective import objective_of
 from fwlab.published import compare, summary_lines
 from fwlab.registry import Registry, default_registry
@@ -267,6 +267,7 @@ def run(invocation: Invocation) -> int:
     _check_splits_not_empty(datamodule, invocation.command, config.data.name)
     plain = to_plain(config)
     trainer_arguments.check_settings(plain["trainer"])  # and what Lightning refuses, too
+    check_logger(LoggerConfig(**plain["logger"]))
 
     name = config.run_name or ""
     inherited = os.environ.get(RUN_DIR_ENV_VAR)

@@ -280,6 +280,8 @@ def test_there_are_experiment_presets():
         # refused by Lightning as its Trainer is built, which was once after the run directory
         # (the command's environment hides any GPU: CUDA_VISIBLE_DEVICES is empty)
         ("trainer.accelerator=gpu", ["trainer.accelerator=gpu: lightning.Trainer refuses it"]),
+        # W&B online with no credentials (none in the command's environment): W&B's UsageError
+        ("logger.mode=online", ["logger.mode=online: no W&B API key", "logger.mode=auto writes"]),
     ],
 )
 def test_cli_reports_config_errors_and_writes_nothing(tmp_path, override, expected):
