@@ -115,16 +115,25 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from fwlab.sweep import default_sweep_dir, load_sweep, results_table, run_optuna, run_wandb
+    from fwlab.sweep import (
+        check_trials,
+        completed,
+        default_sweep_dir,
+        load_sweep,
+        results_table,
+        run_optuna,
+        run_wandb,
+    )
 
     spec = load_sweep(args.file)
+    check_trials(spec, list(args.plugin), list(args.set))  # before a trial or the sweep exists
     if args.backend == "wandb":
         return run_wandb(spec, list(args.plugin), list(args.set), args.count, args.dry_run)
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(spec)
     study = run_optuna(spec, sweep_dir, max(1, args.workers), list(args.plugin), list(args.set))
     print(results_table(spec, study, sweep_dir))
     print(f"sweep directory: {sweep_dir}  (results.csv, results.json, trials/, logs/)")
-    return 0
+    return 0 if completed(study) else 1  # every trial failed: the sweep did not run
 
 
 def _slurm_options(args: argparse.Namespace) -> SlurmOptions:

@@ -217,6 +217,7 @@ def write_sweep_job(
     file system), or W&B agents of a sweep created now. A worker's trials are not requeued:
     a trial cut off by the time limit fails, and the others go on."""
     from fwlab.sweep import (
+        check_trials,
         create_wandb_sweep,
         default_sweep_dir,
         load_sweep,
@@ -236,6 +237,7 @@ def write_sweep_job(
     sweep_dir = sweep_dir or default_sweep_dir(spec)
     extra = trainer_overrides(options)
     plugins = [_absolute_if_file(p) for p in plugins]
+    check_trials(spec, plugins, extra)  # before the sweep's directory or its job exists
     sweep_dir.mkdir(parents=True, exist_ok=True)
     options = dataclasses.replace(options, signal_seconds=None)  # trials are not requeued
     if backend == "optuna":

@@ -37,6 +37,7 @@ At the end: a table of every trial's parameters and metric, the best marked.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -181,6 +182,54 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+# a grid larger than this is checked as a random sweep is: each parameter's values in turn
+MAX_CHECKED_POINTS = 256
+
+
+def checked_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The parameter values whose trial configs :func:`check_trials` composes: every point of
+    a grid (of at most :data:`MAX_CHECKED_POINTS`), else each parameter at each of its values,
+    or at its min and max, the others at their first."""
+    candidates = {
+        key: list(p["values"]) if "values" in p else [p["value"]] if "value" in p
+        else [p["min"], p["max"]]
+        for key, p in spec.parameters.items()
+    }  # fmt: skip
+    if spec.method == "grid" and spec.grid_size() <= MAX_CHECKED_POINTS:
+        return [dict(zip(candidates, point)) for point in itertools.product(*candidates.values())]
+    first = {key: values[0] for key, values in candidates.items()}
+    return [first | {key: value} for key, values in candidates.items() for value in values]
+
+
+def check_trials(spec: SweepSpec, plugins: list[str], extra: list[str]) -> None:
+    """Raise :class:`ConfigError` before any trial runs if a trial's config would not compose
+    (a mistyped key, a value out of its field's bounds) or a ``val/`` metric is not its model's
+    checkpoint monitor: otherwise every trial fails the same way, one after another."""
+    from fwlab.config import compose
+    from fwlab.objective import objective_of
+    from fwlab.registry import default_registry
+    from fwlab.training import build_model_and_data
+
+    registry = default_registry(plugins)
+    monitors: dict[str, str] = {}  # by model name: built once each
+    for values in checked_points(spec):
+        overrides = [*spec.overrides, *extra, *(f"{k}={_format(v)}" for k, v in values.items())]
+        model = None if "model" in values else spec.model
+        try:
+            config = compose(registry, model=model, data=spec.data, overrides=overrides)
+            if spec.metric.startswith("val/") and config.model.name not in monitors:
+                built, _ = build_model_and_data(config, registry)
+                monitors[config.model.name] = f"val/{objective_of(built).monitor}"
+        except FwlabError as error:
+            raise ConfigError(f"sweep {spec.name}, trial {_describe(values)}: {error}") from None
+        monitor = monitors.get(config.model.name, spec.metric)
+        if monitor != spec.metric:
+            raise ConfigError(
+                f"sweep {spec.name}: metric {spec.metric} is not the checkpoint monitor of "
+                f"model {config.model.name} ({monitor}): use that, or a test/ metric"
+            )
+
+
 def metric_value(results: dict[str, Any], metric: str) -> float:
     """The sweep metric from a run's ``results.json``."""
     best = results.get("best") or {}
@@ -232,7 +281,9 @@ def open_study(spec: SweepSpec, sweep_dir: Path) -> Any:
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is reported in one line by run_optuna, not by Optuna's warning
+    # with the exception's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.create_study(
         study_name=spec.name,
         storage=storage,
@@ -267,9 +318,14 @@ def run_optuna(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             status = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if status != 0:
-            raise TrialFailed(f"trial {trial.number} exited with {status}: see {log_path}")
-        return metric_value(json.loads((run_dir / "results.json").read_text()), spec.metric)
+        try:
+            if status != 0:
+                raise TrialFailed(f"exit {status}: {_error_line(log_path)}")
+            return metric_value(json.loads((run_dir / "results.json").read_text()), spec.metric)
+        except (TrialFailed, FwlabError) as error:  # one line here; the table marks it failed
+            with lock:
+                print(f"trial {trial.number} failed ({error}); log: {log_path}", flush=True)
+            raise
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     remaining = total - len(study.get_trials(states=finished))
@@ -282,6 +338,21 @@ def run_optuna(
             callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)],
         )
     return study
+
+
+def _error_line(log_path: Path) -> str:
+    """What a failed trial's log says went wrong: its ``fwlab: error:`` line, or its last."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("fwlab: error:")]
+    return (errors or lines or ["(an empty log)"])[-1]
+
+
+def completed(study: Any) -> int:
+    """How many of the study's trials completed."""
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def results_table(spec: SweepSpec, study: Any, sweep_dir: Path) -> str:

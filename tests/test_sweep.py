@@ -4,7 +4,6 @@ without a server, SLURM array workers, and the preset sweep files."""
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import re
@@ -12,10 +11,9 @@ import textwrap
 
 import pytest
 
-from fwlab.config import compose, config_dir
+from fwlab.config import config_dir
 from fwlab.errors import ConfigError
-from fwlab.registry import Registry
-from fwlab.sweep import load_sweep, trial_command, wandb_sweep_config
+from fwlab.sweep import check_trials, load_sweep, trial_command, wandb_sweep_config
 
 from .conftest import fwlab_env, read_results, run_fwlab, write_executable
 
@@ -85,6 +83,62 @@ def test_a_malformed_sweep_file_is_a_clear_error_naming_it(tmp_path, old, new, m
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        # every trial failed the same way, one after another, and the sweep exited 0
+        ("model.hidden_size: {values", "model.hiden_size: {values",
+         "sweep tiny, trial model.hiden_size=8 optim.lr=0.001: unknown config key"),
+        ("values: [8, 16]", "values: [8, 0]",
+         "trial model.hidden_size=0 optim.lr=0.001: bad value for 'model.hidden_size'"),
+        ("optim.lr: {min: 1.0e-3", "optim.lr: {min: -1.0",
+         "trial model.hidden_size=8 optim.lr=-1.0: bad value for 'optim.lr'"),
+        ("name: val/acc", "name: val/accuracy",
+         "metric val/accuracy is not the checkpoint monitor of model fast_weights (val/acc)"),
+    ],
+)  # fmt: skip
+def test_a_trial_config_that_cannot_work_stops_the_sweep_before_any_trial(
+    tmp_path, old, new, message
+):
+    path = tmp_path / "broken.yaml"
+    path.write_text(TINY.replace(old, new))
+    assert path.read_text() != TINY
+    result = run_fwlab("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_checked_points_cover_a_grid_and_each_value_or_bound_of_a_random_sweep(tiny_sweep):
+    from fwlab.sweep import checked_points
+
+    spec = load_sweep(tiny_sweep)  # random: hidden size in {8, 16}, lr in [1e-3, 1e-2]
+    assert checked_points(spec) == [
+        {"model.hidden_size": 8, "optim.lr": 1e-3},
+        {"model.hidden_size": 16, "optim.lr": 1e-3},
+        {"model.hidden_size": 8, "optim.lr": 1e-3},
+        {"model.hidden_size": 8, "optim.lr": 1e-2},
+    ]
+    grid = load_sweep(config_dir() / "sweep" / "retrieval_cells.yaml")
+    assert len(checked_points(grid)) == grid.grid_size() == 9
+
+
+def test_failed_trials_are_one_line_each_and_a_sweep_with_none_complete_exits_1(
+    tmp_path, tiny_sweep
+):
+    """A trial that composes but fails as it runs (the command's environment hides any GPU)."""
+    path = tmp_path / "gpu.yaml"
+    path.write_text(
+        TINY.replace("trials: 3", "trials: 2") + "  trainer.accelerator: {value: gpu}\n"
+    )
+    result = run_fwlab("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed = [line for line in result.stdout.splitlines() if " failed (" in line]
+    assert len(failed) == 2 and "Traceback" not in result.stdout + result.stderr
+    assert failed[0].startswith("trial 0 failed (exit 2: fwlab: error: trainer.accelerator=gpu")
+    assert failed[0].endswith("log: sweeps/tiny/logs/trial-0000.log")
+    assert "no trial completed" in result.stdout
+
+
 def test_the_command_refuses_a_malformed_sweep_before_running_anything(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(TINY.replace("method: random", "method: annealing"))
@@ -122,15 +176,7 @@ def test_a_parameter_that_picks_the_model_replaces_model():
 
 @pytest.mark.parametrize("path", sorted((config_dir() / "sweep").glob("*.yaml")), ids=str)
 def test_every_preset_sweep_composes_for_every_grid_point(path):
-    spec = load_sweep(path)
-    registry = Registry()
-    grid = spec.grid
-    for point in itertools.product(*grid.values()):
-        values = dict(zip(grid, point))
-        overrides = [*spec.overrides, *(f"{k}={v}" for k, v in values.items())]
-        config = compose(registry, model=None if "model" in values else spec.model,
-                         data=spec.data, overrides=overrides)  # fmt: skip
-        assert config.model.name == values.get("model", spec.model)
+    check_trials(load_sweep(path), plugins=[], extra=[])  # every point, and the metric
     assert path.read_text().startswith("# fwlab sweep")
 
 
