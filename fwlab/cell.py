@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fwlab.bounds import bounded, check_bounds
+from fwlab.errors import IncompatibleError
 from fwlab.spec import DataSpec
 
 
@@ -85,3 +86,25 @@ class Cell(nn.Module, ABC):
     @classmethod
     def check_compatible(cls, config: CellConfig, spec: DataSpec) -> None:
         """Raise :class:`fwlab.errors.IncompatibleError` if this cell cannot model ``spec``."""
+
+
+def check_output_width(cell: Cell, name: str) -> None:
+    """Raise :class:`~fwlab.errors.IncompatibleError` if one step of the cell (two zero inputs,
+    from its initial state, in eval mode: no statistics or noise of training) returns outputs
+    whose width is not its ``output_size``, the width the model's head is built for: a
+    plugin's mismatch then stops the command as the model is built, naming the cell, not at
+    the first batch as a shape error inside torch. An exception in ``step`` itself is left to
+    show its traceback (it is the cell's own code)."""
+    was_training = cell.training
+    cell.eval()
+    try:
+        with torch.no_grad():
+            output, _ = cell.step(torch.zeros(2, cell.input_size), cell.initial_state(2))
+    finally:
+        cell.train(was_training)
+    if tuple(output.shape) != (2, cell.output_size):
+        raise IncompatibleError(
+            f"cell {name}: step() returned outputs of shape {tuple(output.shape)} for a batch "
+            f"of 2, but its output_size is {cell.output_size}: the head reads (batch, "
+            "output_size); override output_size if the outputs are wider than hidden_size"
+        )

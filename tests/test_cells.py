@@ -7,8 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from fwlab.cell import Cell
+from fwlab.cell import Cell, check_output_width
+from fwlab.config import compose
+from fwlab.errors import IncompatibleError
 from fwlab.registry import Registry
+from fwlab.training import build_model_and_data
 
 REGISTRY = Registry()
 CELL_NAMES = REGISTRY.names("cell")
@@ -104,3 +107,34 @@ def test_mixed_precision_autocast_trains_and_stays_near_float32(name):
     torch.testing.assert_close(outputs.float(), reference, rtol=0.05, atol=0.05)
     for parameter_name, parameter in cell.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), parameter_name
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_the_output_width_check_passes_and_leaves_the_cell_as_it_was(name):
+    cell = make(name)
+    before = {key: value.clone() for key, value in cell.state_dict().items()}
+    check_output_width(cell, name)  # one eval-mode step: no statistics or noise of training
+    assert cell.training
+    for key, value in cell.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_cell_whose_outputs_are_not_output_size_wide_is_refused_as_the_model_is_built():
+    class Wider(Cell):
+        """A plugin's mistake: outputs 3 wider than hidden_size, output_size not overridden."""
+
+        def __init__(self, input_size: int, config) -> None:
+            super().__init__(input_size, config)
+            self.weights = torch.nn.Linear(input_size, config.hidden_size + 3)
+
+        def initial_state(self, batch_size, device=None, dtype=None):
+            return (torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype),)
+
+        def step(self, x_t, state):
+            return self.weights(x_t), state
+
+    registry = Registry()
+    registry.add("cell", "wider", Wider, "this test")
+    config = compose(registry, model="wider", data="retrieval", overrides=["model.hidden_size=5"])
+    with pytest.raises(IncompatibleError, match=r"cell wider: step\(\) returned outputs of shape"):
+        build_model_and_data(config, registry)

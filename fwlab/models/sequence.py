@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from fwlab.bounds import bounded
-from fwlab.cell import Cell
+from fwlab.cell import Cell, check_output_width
 from fwlab.config import dataclass_from
 from fwlab.cuda_graphs import GraphedNetwork
 from fwlab.errors import ConfigError, IncompatibleError
@@ -101,6 +101,7 @@ class SequenceModel(L.LightningModule):
         get_target(spec.target_kind, loss=model_config.regression_loss).output_size(spec)
         cell_cls.check_compatible(cell_config, spec)
         cell = cell_cls(cls.encoder_output_size(spec, model_config.embedding_size), cell_config)
+        check_output_width(cell, name)
         return cls(cell, spec, model_config, dataclass_from(OptimConfig, config.optim))
 
     # -- computation ------------------------------------------------------------------------
