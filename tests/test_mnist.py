@@ -152,6 +152,10 @@ def test_glimpses_datamodule_reads_the_idx_files(tmp_path):
     module.setup()
     inputs, labels = module.datasets["train"].tensors
     assert inputs.shape == (24, 5, 52) and module.spec.seq_len == 5
+    with pytest.raises(ConfigError, match="data.glimpse_size=8 is larger than the 7×7 regions"):
+        GlimpsesMNISTDataModule(GlimpsesConfig(root=str(tmp_path), glimpse_size=8)).to_inputs(
+            np.zeros((1, 28, 28), dtype=np.uint8)
+        )
     with pytest.raises(ConfigError, match="data.levels=4"):
         GlimpsesMNISTDataModule(GlimpsesConfig(root=str(tmp_path), levels=4)).to_inputs(
             np.zeros((1, 28, 28), dtype=np.uint8)

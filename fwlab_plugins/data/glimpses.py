@@ -62,6 +62,11 @@ def glimpse_sequences(images: torch.Tensor, config: GlimpsesConfig) -> torch.Ten
                 f"data.levels={config.levels}: 28 pixels do not split into {regions} equal regions"
             )
         side = IMAGE_SIZE // regions
+        if size > side:  # pooling to more pixels than the region has would repeat them
+            raise ConfigError(
+                f"data.glimpse_size={size} is larger than the {side}×{side} regions of level "
+                f"{level} (data.levels={config.levels}): at most {side}"
+            )
         blocks = images.reshape(count, regions, side, regions, side).permute(0, 1, 3, 2, 4)
         pooled = F.adaptive_avg_pool2d(blocks.reshape(-1, 1, side, side), size)
         pixels.append(pooled.reshape(count, regions * regions, size * size))  # row-major
