@@ -237,7 +237,9 @@ def write_sweep_job(
     sweep_dir = sweep_dir or default_sweep_dir(spec)
     extra = trainer_overrides(options)
     plugins = [_absolute_if_file(p) for p in plugins]
-    check_trials(spec, plugins, extra)  # before the sweep's directory or its job exists
+    # before the sweep's directory or its job exists; composed only (the workers, on the
+    # compute nodes, build the models and check the metric as each starts)
+    check_trials(spec, plugins, extra, build_models=False)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     options = dataclasses.replace(options, signal_seconds=None)  # trials are not requeued
     if backend == "optuna":

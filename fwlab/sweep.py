@@ -201,10 +201,14 @@ def checked_points(spec: SweepSpec) -> list[dict[str, Any]]:
     return [first | {key: value} for key, values in candidates.items() for value in values]
 
 
-def check_trials(spec: SweepSpec, plugins: list[str], extra: list[str]) -> None:
+def check_trials(
+    spec: SweepSpec, plugins: list[str], extra: list[str], build_models: bool = True
+) -> None:
     """Raise :class:`ConfigError` before any trial runs if a trial's config would not compose
     (a mistyped key, a value out of its field's bounds) or a ``val/`` metric is not its model's
-    checkpoint monitor: otherwise every trial fails the same way, one after another."""
+    checkpoint monitor: otherwise every trial fails the same way, one after another.
+    ``build_models=False`` composes only: where the trials will run elsewhere (a SLURM login
+    node may lack what building a model checks for, a GPU for ``model.kernel=triton``)."""
     from fwlab.config import compose
     from fwlab.objective import objective_of
     from fwlab.registry import default_registry
@@ -217,7 +221,8 @@ def check_trials(spec: SweepSpec, plugins: list[str], extra: list[str]) -> None:
         model = None if "model" in values else spec.model
         try:
             config = compose(registry, model=model, data=spec.data, overrides=overrides)
-            if spec.metric.startswith("val/") and config.model.name not in monitors:
+            wants_monitor = build_models and spec.metric.startswith("val/")
+            if wants_monitor and config.model.name not in monitors:
                 built, _ = build_model_and_data(config, registry)
                 monitors[config.model.name] = f"val/{objective_of(built).monitor}"
         except FwlabError as error:

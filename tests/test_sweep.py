@@ -104,6 +104,17 @@ def test_a_trial_config_that_cannot_work_is_found_before_any_trial(tmp_path, old
         check_trials(load_sweep(path), plugins=[], extra=[])
 
 
+def test_composing_only_finds_a_bad_key_but_leaves_the_metric_to_the_workers(tmp_path):
+    """``fwlab slurm sweep`` on a login node, which may lack what building a model checks for
+    (a GPU for model.kernel=triton): it composes the trials and builds no model."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(TINY.replace("name: val/acc", "name: val/accuracy"))
+    check_trials(load_sweep(path), plugins=[], extra=[], build_models=False)
+    path.write_text(TINY.replace("model.hidden_size: {values", "model.hiden_size: {values"))
+    with pytest.raises(ConfigError, match="unknown config key 'model.hiden_size'"):
+        check_trials(load_sweep(path), plugins=[], extra=[], build_models=False)
+
+
 def test_the_command_stops_a_sweep_whose_trials_cannot_work_before_any_trial(tmp_path):
     """Every trial failed the same way, one after another, and the sweep exited 0."""
     path = tmp_path / "broken.yaml"
