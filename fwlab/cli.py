@@ -206,6 +206,13 @@ def _format_warning(
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    # Lightning 2.6 builds torch's deprecated LeafSpec at every run's first batch: nothing a
+    # user can act on, so not printed (the processes DDP starts run main() too)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
     args = build_parser().parse_args(argv)
     try:
         if args.command == "list":
