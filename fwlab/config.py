@@ -350,6 +350,14 @@ def compose(
         chosen.update(experiment_fragment.pop("defaults", {}) or {})
     chosen.update(selections)
     chosen.update({k: v for k, v in (("model", model), ("data", data)) if v is not None})
+    for group in ("model", "data") if base is not None else ():
+        saved = base.get(group, {}).get("name")
+        if saved is not None and chosen[group] != saved:  # its weights are the saved one's
+            raise ConfigError(
+                f"--{group} {chosen[group]}: {base_source} is for {group} {saved}; a resumed or "
+                f"evaluated run keeps its model and data (drop --{group}; {group}.* keys change "
+                "their settings)"
+            )
     for required in ("model", "data"):
         if not chosen.get(required):
             raise ConfigError(

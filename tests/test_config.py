@@ -242,6 +242,12 @@ def test_a_saved_config_is_the_base_and_the_command_line_wins():
     saved = OmegaConf.to_container(make("model.hidden_size=33"))
     config = compose(REGISTRY, base=saved, overrides=["trainer.max_steps=7"])
     assert config.model.hidden_size == 33 and config.trainer.max_steps == 7
+    # the same model and data may be named again, another not: the weights are the saved one's
+    assert compose(REGISTRY, base=saved, model="fast_weights", data="retrieval").model.name
+    with pytest.raises(ConfigError, match="--model lstm: the saved config is for model fast_w"):
+        compose(REGISTRY, base=saved, model="lstm")
+    with pytest.raises(ConfigError, match="--data seqmnist: the saved config is for data retr"):
+        compose(REGISTRY, base=saved, data="seqmnist")
 
 
 def every_yaml():
