@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         nargs="*",
+        choices=PATHS,
         help="eager, graph, fused (default: eager and fused; all three on CUDA)",
     )
     parser.add_argument(
@@ -306,6 +307,7 @@ def main() -> None:
 
     from fwlab.registry import Registry
 
+    check_arguments(parser, args)
     cuda = args.device.startswith("cuda")
     paths = args.paths or (list(PATHS) if cuda else ["eager", "fused"])
     registry = Registry()
@@ -411,6 +413,32 @@ def _has_kernel_option(cell_cls) -> bool:
     import dataclasses
 
     return "kernel" in {field.name for field in dataclasses.fields(cell_cls.Config)}
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with argparse's usage error, naming the option and the value, before anything is
+    measured: a shape that is not BxTxIxH, a device torch cannot use, a cell that is not
+    registered, or a variant whose settings its cell refuses (each variant is built once, tiny)."""
+    from fwlab.registry import Registry
+
+    for shape in args.shapes:
+        try:
+            parse_shape(shape)
+        except ValueError:
+            parser.error(f"--shapes {shape}: expected BxTxIxH, four integers (128x11x100x100)")
+    if args.device.startswith("cuda") and not _cuda_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    known = Registry().names("cell")
+    for cell in args.cells or []:
+        if cell not in known:
+            parser.error(f"--cells {cell}: not a registered cell ({', '.join(known)})")
+    for variant in args.variants:
+        if variant.split(":")[0] not in known:
+            parser.error(f"--variants {variant}: not a registered cell ({', '.join(known)})")
+        try:
+            build(variant, 2, 2)
+        except Exception as error:  # noqa: BLE001 - whatever the cell's config refuses
+            parser.error(f"--variants {variant}: {type(error).__name__}: {error}")
 
 
 def _cuda_available() -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import REPO
 
@@ -43,10 +44,16 @@ def test_bench_writes_a_row_per_case_with_the_ratio_to_the_lstm(tmp_path, in_pro
     assert "vs LSTM" in done.stdout and "bn_lstm" in done.stdout
 
 
-def test_the_fused_path_is_offered_only_where_the_kernel_takes_the_settings(capsys):
+def load_bench():
+    """scripts/bench.py as a module."""
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_fused_path_is_offered_only_where_the_kernel_takes_the_settings(capsys):
+    bench = load_bench()
     assert bench._fused_applies("fast_weights", "cuda") and bench._fused_applies("irnn", "cuda")
     assert not bench._fused_applies("fast_weights:form=matrix,checkpoint_every=28", "cuda")
     assert "model.form=matrix" in capsys.readouterr().err
@@ -56,3 +63,29 @@ def test_the_fused_path_is_offered_only_where_the_kernel_takes_the_settings(caps
         assert bench._fused_applies(cell, "cpu") and bench._fused_applies(cell, "cuda")
     assert not bench._fused_applies("irnn", "cpu")
     assert "irnn has no c kernel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        # each was a traceback, or a table of per-case errors, or a long run of failing cases
+        (["--shapes", "12x3"], "--shapes 12x3: expected BxTxIxH"),
+        (["--cells", "elman"], "--cells elman: not a registered cell"),
+        (["--variants", "lru_ntm:nokey=1"], "--variants lru_ntm:nokey=1: TypeError"),
+        (["--variants", "lru_ntm:write_vector=bogus"], "'bogus' is not a valid WriteVector"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: torch sees no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
+    ],
+)
+def test_bad_arguments_stop_the_bench_before_it_measures(
+    tmp_path, arguments, message, monkeypatch, capsys
+):
+    output = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", *arguments, "--json", str(output)])
+    with pytest.raises(SystemExit) as stopped:
+        load_bench().main()
+    assert stopped.value.code == 2  # argparse's usage error
+    assert message in capsys.readouterr().err and not output.exists()
