@@ -51,10 +51,22 @@ class SlurmOptions:
     extra: list[str] = field(default_factory=list)  # further #SBATCH lines, e.g. --mem=64G
 
 
+# sbatch's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds, or no limit
+_SLURM_TIME = re.compile(
+    r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite)", re.IGNORECASE
+)
+
+
 def trainer_overrides(options: SlurmOptions) -> list[str]:
-    """The ``trainer.*`` overrides that match the allocation."""
+    """The ``trainer.*`` overrides that match the allocation (and the allocation's checks)."""
     if options.nodes < 1 or options.devices_per_node < 1:
         raise ConfigError("--nodes and --devices-per-node must be at least 1")
+    if not _SLURM_TIME.fullmatch(options.time):
+        raise ConfigError(
+            f"--time {options.time}: not a SLURM time limit (minutes, HH:MM:SS, D-HH, "
+            "D-HH:MM:SS, ...), which sbatch would refuse"
+        )
     if options.accelerator not in ("gpu", "cpu"):
         raise ConfigError(f"--accelerator {options.accelerator}: expected gpu or cpu")
     overrides = [

@@ -15,10 +15,13 @@ import sys
 import time
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from fwlab.errors import ConfigError
 from fwlab.requeue import RequeueAtBatchEnd
+from fwlab.slurm import SlurmOptions, trainer_overrides
 
 from .conftest import REPO, fwlab_env, read_results, run_fwlab, write_executable
 
@@ -246,3 +249,11 @@ def test_the_tasks_of_a_job_agree_on_the_batch_they_save_at(tmp_path):
     batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert saved["global_step"] == 3
     assert batches["processed"] == 3 and batches["completed"] == 2
+
+
+def test_a_time_limit_sbatch_would_refuse_is_refused_before_the_script_is_written():
+    for accepted in ("99", "30:00", "24:00:00", "2-12", "1-00:30", "1-00:30:00", "UNLIMITED"):
+        trainer_overrides(SlurmOptions(time=accepted))
+    for refused in ("abc", "1-", "24h", "1:2:3:4"):
+        with pytest.raises(ConfigError, match=f"--time {refused}: not a SLURM time limit"):
+            trainer_overrides(SlurmOptions(time=refused))
