@@ -53,9 +53,7 @@ class SlurmOptions:
 
 # sbatch's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds, or no limit
-_SLURM_TIME = re.compile(
-    r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite)", re.IGNORECASE
-)
+_SLURM_TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite)", re.IGNORECASE)
 
 
 def trainer_overrides(options: SlurmOptions) -> list[str]:

@@ -27,7 +27,7 @@ from fwlab.config import (
     to_plain,
     to_yaml,
 )
-from fwlab.errors import ConfigError
+from fwlab.errors import ConfigError, FwlabError
 from fwlab.loggers import WANDB_ID_FILE, check_logger, make_logger
 from fwlab.objective import objective_of
 from fwlab.published import compare, summary_lines
@@ -85,6 +85,34 @@ class ValidateOnLastStep(Callback):
     ) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class StopWhenDiverged(Callback):
+    """Stops ``fit`` at the first validation whose loss or monitored metric is not finite: a
+    run that diverged (a learning rate too large, no gradient clipping) otherwise trained on to
+    its end with NaN weights and reported a test of them. Read from the validation's synced
+    metrics, so every DDP process stops at the same step, and at no cost per training step
+    (a check of the training loss would wait on the device at every step).
+
+    ``best`` is the run's best-checkpoint callback: Lightning runs checkpoint callbacks after
+    the others, so at a diverged validation its best is still the one from before."""
+
+    def __init__(self, names: list[str], best: ModelCheckpoint) -> None:
+        self.names = names
+        self.best = best
+        self.diverged: tuple[str, float, int] | None = None  # (metric, value, step)
+        self.best_before = ""  # the best checkpoint before the divergence, if any
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.diverged is not None:
+            return
+        for name in self.names:
+            value = trainer.callback_metrics.get(name)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                self.diverged = (name, float(value), trainer.global_step)
+                self.best_before = self.best.best_model_path
+                trainer.should_stop = True
+                return
 
 
 def build_datamodule(config: DictConfig, registry: Registry) -> L.LightningDataModule:
@@ -326,6 +354,17 @@ def _clearer_fit_error(error: ValueError, run_dir: Path) -> Exception:
     )
 
 
+def _diverged_error(diverged: tuple[str, float, int], best: str, run_dir: Path) -> FwlabError:
+    """What to tell of a fit :class:`StopWhenDiverged` stopped."""
+    name, value, step = diverged
+    kept = f"; the best checkpoint before it: fwlab test --ckpt {best}" if best else ""
+    return FwlabError(
+        f"{name} was {value} at step {step}: the run diverged, so it stopped there untested "
+        "(a smaller optim.lr, or trainer.gradient_clip_val, may help). Its files are in "
+        f"{run_dir} (last.ckpt: the diverged state){kept}"
+    )
+
+
 def _train_and_evaluate(
     invocation: Invocation,
     config: DictConfig,
@@ -361,12 +400,14 @@ def _train_and_evaluate(
         save_top_k=1,
         enable_version_counter=False,
     )
+    diverged = StopWhenDiverged(sorted({monitor, "val/loss"}), checkpoints)
     trainer = L.Trainer(
         **plain["trainer"],
         logger=logger if logger is not None else False,
         callbacks=[
             checkpoints,
             latest,
+            diverged,
             ValidateOnLastStep(),
             SaveConfigInCheckpoint(plain, run_dir),
             RequeueAtBatchEnd(),
@@ -381,6 +422,8 @@ def _train_and_evaluate(
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
         except ValueError as error:
             raise _clearer_fit_error(error, run_dir) from None
+        if diverged.diverged is not None:
+            raise _diverged_error(diverged.diverged, diverged.best_before, run_dir)
         # (for a callback without a monitor, Lightning's "best" is the newest)
         evaluated = checkpoints.best_model_path or latest.best_model_path or None
         _record_best_in_wandb(logger, monitor, checkpoints.best_model_score)

@@ -234,3 +234,37 @@ def test_the_same_seed_gives_the_same_result(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         metrics.append(read_results(only_run_dir(workdir))["metrics"])
     assert metrics[0] == metrics[1]
+
+
+def test_a_run_that_diverges_stops_at_that_validation_untested_and_says_so(tmp_path):
+    """It trained on to its end with NaN weights and reported a test of them, exit 0."""
+    fit = run_fwlab(
+        "fit", "--model", "irnn", "--data", "retrieval", *SMALL, "optim.lr=1000",
+        "trainer.gradient_clip_val=null", "trainer.max_steps=60", "trainer.val_check_interval=20",
+        "logger=csv", cwd=tmp_path,
+    )  # fmt: skip
+    assert fit.returncode == 2, fit.stderr[-3000:]
+    assert "fwlab: error: val/loss was nan at step 20: the run diverged" in fit.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert not (run_dir / "results.json").exists()  # untested
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # and nothing written is lost
+    steps = [int(r["step"]) for r in metrics_rows(run_dir) if r.get("train/loss_step")]
+    assert max(steps, default=0) < 40  # stopped at the diverged validation, not at step 60
+
+
+def test_the_divergence_check_names_the_best_checkpoint_from_before_it():
+    from types import SimpleNamespace
+
+    from fwlab.training import StopWhenDiverged
+
+    best = SimpleNamespace(best_model_path="")
+    check = StopWhenDiverged(["val/acc", "val/loss"], best)
+    trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=10)
+    trainer.callback_metrics = {"val/acc": torch.tensor(0.5), "val/loss": torch.tensor(1.2)}
+    check.on_validation_end(trainer, None)
+    assert check.diverged is None and not trainer.should_stop
+    best.best_model_path = "best-step10.ckpt"  # saved after the callbacks that are not checkpoints
+    trainer.global_step, trainer.callback_metrics["val/loss"] = 20, torch.tensor(float("inf"))
+    check.on_validation_end(trainer, None)
+    assert check.diverged == ("val/loss", float("inf"), 20) and trainer.should_stop
+    assert check.best_before == "best-step10.ckpt"
