@@ -115,15 +115,6 @@ def test_composing_only_finds_a_bad_key_but_leaves_the_metric_to_the_workers(tmp
         check_trials(load_sweep(path), plugins=[], extra=[], build_models=False)
 
 
-def test_the_command_stops_a_sweep_whose_trials_cannot_work_before_any_trial(tmp_path):
-    """Every trial failed the same way, one after another, and the sweep exited 0."""
-    path = tmp_path / "broken.yaml"
-    path.write_text(TINY.replace("model.hidden_size: {values", "model.hiden_size: {values"))
-    result = run_fwlab("sweep", str(path), cwd=tmp_path)
-    assert result.returncode == 2 and "unknown config key 'model.hiden_size'" in result.stderr
-    assert not (tmp_path / "sweeps").exists()
-
-
 def test_checked_points_cover_a_grid_and_each_value_or_bound_of_a_random_sweep(tiny_sweep):
     from fwlab.sweep import checked_points
 
@@ -155,11 +146,21 @@ def test_failed_trials_are_one_line_each_and_a_sweep_with_none_complete_exits_1(
     assert "no trial completed" in result.stdout
 
 
-def test_the_command_refuses_a_malformed_sweep_before_running_anything(tmp_path):
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("method: random", "method: annealing", "method 'annealing'"),
+        # a trial config that cannot work: every trial failed the same way, one after another,
+        # and the sweep exited 0
+        ("model.hidden_size: {values", "model.hiden_size: {values",
+         "unknown config key 'model.hiden_size'"),
+    ],
+)  # fmt: skip
+def test_the_command_refuses_a_malformed_sweep_before_running_anything(tmp_path, old, new, message):
     path = tmp_path / "broken.yaml"
-    path.write_text(TINY.replace("method: random", "method: annealing"))
+    path.write_text(TINY.replace(old, new))
     result = run_fwlab("sweep", str(path), cwd=tmp_path)
-    assert result.returncode == 2 and "method 'annealing'" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "sweeps").exists()
 
 
