@@ -41,12 +41,16 @@ def wandb_server_answers(host: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def check_mode(mode: str) -> None:
+    if mode not in ("auto", "online", "offline"):
+        raise ConfigError(f"logger.mode='{mode}' is not auto, online or offline")
+
+
 def wandb_online(mode: str) -> bool:
     """Whether to log online. ``WANDB_MODE=offline|disabled`` always wins; ``auto`` goes online
     only with credentials and a server that answers within two seconds, so a run never waits
     on the network."""
-    if mode not in ("auto", "online", "offline"):
-        raise ConfigError(f"logger.mode='{mode}' is not auto, online or offline")
+    check_mode(mode)
     if os.environ.get("WANDB_MODE", "").lower() in OFFLINE_MODES or mode == "offline":
         return False
     if mode == "online":
@@ -59,10 +63,14 @@ def check_logger(config: LoggerConfig) -> None:
     """Raise :class:`ConfigError`, before the run directory exists, for a W&B logger asked to
     log online (``logger.mode=online``) with no credentials: W&B would refuse it once the run's
     files were written."""
-    if config.name != "wandb" or not wandb_online(config.mode):
+    if config.name != "wandb":
+        return
+    check_mode(config.mode)
+    # online only: wandb_online("auto") would probe the server, which make_logger does, once
+    if config.mode != "online" or not wandb_online("online"):
         return
     host = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_HOST)
-    if config.mode == "online" and not wandb_credentials_exist(host):
+    if not wandb_credentials_exist(host):
         raise ConfigError(
             f"logger.mode=online: no W&B API key for {host} here (run `wandb login`, or set "
             "WANDB_API_KEY); logger.mode=auto writes offline run files without one"
