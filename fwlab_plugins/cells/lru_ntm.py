@@ -16,21 +16,20 @@ start at zero with every sequence (an episode); weights persist across episodes,
 meta-learning. Keys pass through tanh (as in public implementations), bounding what is written.
 α_t comes from the controller (a learned linear map of h_t, one scalar per head).
 
-**What is written.** The paper writes the key itself (``write_vector=key``, the default, and the
-only form the Triton kernel below runs). The query and the stored content are then one vector,
-and a read returns the keys it matched: to retrieve a label the stored key must carry it, while
-the key that looks for it cannot yet know it. Public reproductions of the paper's Omniglot
-results (Theano and TensorFlow ports) write a separate add vector a_t, as the NTM of Graves et
-al. 2014 does: ``write_vector=add``. On synthetic episodes (5 classes of random ±1 codes with
-10 % of the signs flipped, 10 instances each; batch 16, Adam 1e-3), after 1,000 steps the add
-vector gave 80 % on 2nd-and-later instances and the key 27 %, the plateau of predicting from
-the labels alone (~31 %), where an LSTM of the same size still was at 3,000 steps
-(``test_with_an_add_vector_it_learns_to_bind_labels_through_its_memory``, marked slow). On
-Omniglot (the two shared background subsets, the paper's network: raw input, softmax on
-[h, r]; validation accuracy at the 2nd / 5th instance) the add vector reached 41 / 58 % at
-1,000 steps and 70 / 84 % at 4,000; writing the key, the network stayed on the plateau (2nd
-instance 31–34 %) to step 6,000 and reached 47 / 54 % (test) at 8,000, about the paper's LSTM
-row. The Omniglot preset, ``experiment=omniglot_lru_ntm``, writes an add vector.
+**What is written.** The paper writes the key itself (``write_vector=key``, the default). The query
+and the stored content are then one vector, and a read returns the keys it matched: to retrieve a
+label the stored key must carry it, while the key that looks for it cannot yet know it. Public
+reproductions of the paper's Omniglot results (Theano and TensorFlow ports) write a separate add
+vector a_t, as the NTM of Graves et al. 2014 does: ``write_vector=add``. On synthetic episodes (5
+classes of random ±1 codes with 10 % of the signs flipped, 10 instances each; batch 16, Adam 1e-3),
+after 1,000 steps the add vector gave 80 % on 2nd-and-later instances and the key 27 %, the plateau
+of predicting from the labels alone (~31 %), where an LSTM of the same size still was at 3,000 steps
+(``test_with_an_add_vector_it_learns_to_bind_labels_through_its_memory``, marked slow). On Omniglot
+(the two shared background subsets, the paper's network: raw input, softmax on [h, r]; validation
+accuracy at the 2nd / 5th instance) the add vector reached 41 / 58 % at 1,000 steps and 70 / 84 % at
+4,000; writing the key, the network stayed on the plateau (2nd instance 31–34 %) to step 6,000 and
+reached 47 / 54 % (test) at 8,000, about the paper's LSTM row. The Omniglot preset,
+``experiment=omniglot_lru_ntm``, writes an add vector.
 
 The controller is ``nn.LSTMCell``'s parameters with its equations written out: the input part of
 the gates, W_x x_t + b, is one product over all steps, and the per-step products (of [h_{t-1},
