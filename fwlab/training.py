@@ -450,6 +450,7 @@ def _train_and_evaluate(
             "metrics": results,
             "published": published,
             "wall_time_s": wall_time,
+            "machine": _machine(trainer),
         }
         if invocation.command == "fit":
             best = checkpoints.best_model_score
@@ -468,10 +469,24 @@ def _train_and_evaluate(
             evaluated,
             [*objective.summary(results, split), *summary_lines(plain, published)],
             wall_time,
+            record["machine"],
         )
     if logger is not None:
         logger.finalize("success")
     return 0
+
+
+def _machine(trainer: L.Trainer) -> dict[str, Any]:
+    """What ran the run, beside its wall time: the device (and the GPU's name), the processes,
+    and each process's CPU threads (torch's intra-op threads, which fwlab's C kernels use too)."""
+    device = trainer.strategy.root_device
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "processes": trainer.world_size,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def _record_best_in_wandb(logger: Any, monitor: str, best: torch.Tensor | None) -> None:
@@ -497,6 +512,7 @@ def _print_summary(
     checkpoint: str | None,
     lines: list[str],
     wall_time: float,
+    machine: dict[str, Any],
 ) -> None:
     rule = "─" * 72
     minutes, seconds = divmod(int(round(wall_time)), 60)
@@ -507,5 +523,7 @@ def _print_summary(
     print(f"checkpoint:      {checkpoint or '(current weights)'}")
     for line in lines:
         print(line)
-    print(f"wall time:       {minutes}m {seconds:02d}s")
+    device = machine["gpu"] or machine["device"]
+    counts = f"processes × CPU threads: {machine['processes']} × {machine['cpu_threads']}"
+    print(f"wall time:       {minutes}m {seconds:02d}s ({device}; {counts})")
     print(rule)

@@ -42,13 +42,18 @@ def test_fit_writes_a_run_and_test_reproduces_its_metric(tmp_path, model):
     fitted = read_results(run_dir)
     assert fitted["checkpoint"] == str(best[0].resolve())
 
-    test = run_fwlab("test", "--ckpt", str(best[0]), "logger=csv", cwd=tmp_path)
+    one_thread = {**fwlab_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    test = run_fwlab("test", "--ckpt", str(best[0]), "logger=csv", cwd=tmp_path, env=one_thread)
     assert test.returncode == 0, test.stderr[-3000:]
     test_dirs = [p for p in (tmp_path / "runs").iterdir() if p != run_dir]
     assert len(test_dirs) == 1  # a run of its own; the fit's directory is untouched
     tested = read_results(test_dirs[0])
     assert tested["metrics"]["test/acc"] == pytest.approx(fitted["metrics"]["test/acc"], abs=1e-6)
     assert tested["model"] == model
+    # what ran it, beside its wall time
+    machine = {"device": "cpu", "gpu": None, "processes": 1, "cpu_threads": 1}
+    assert tested["machine"] == {**machine, "torch": torch.__version__}
+    assert "(cpu; processes × CPU threads: 1 × 1)" in test.stdout
 
 
 def test_a_short_seeded_run_learns(tmp_path):
