@@ -13,7 +13,14 @@ import pytest
 
 from fwlab.config import config_dir
 from fwlab.errors import ConfigError
-from fwlab.sweep import check_trials, load_sweep, trial_command, wandb_sweep_config
+from fwlab.sweep import (
+    available_cpus,
+    check_trials,
+    load_sweep,
+    trial_command,
+    trial_environment,
+    wandb_sweep_config,
+)
 
 from .conftest import fwlab_env, read_results, run_fwlab, write_executable
 
@@ -53,8 +60,11 @@ def test_an_optuna_sweep_of_three_trials_on_two_workers_marks_the_best(tmp_path,
     values = [float(row["val/acc"]) for row in rows]
     best = [row for row in rows if row["best"] == "True"]
     assert len(best) == 1 and float(best[0]["val/acc"]) == max(values)
+    # two trials at a time share the CPUs instead of each starting a thread per CPU
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cpus() // 2))
     for row in rows:  # each trial is a real run; its metric is its best validation accuracy
         results = read_results(tmp_path / row["run_dir"])
+        assert results["machine"]["cpu_threads"] == threads
         assert results["best"]["monitor"] == "val/acc"
         assert results["best"]["value"] == pytest.approx(float(row["val/acc"]))
         assert row["model.hidden_size"] in ("8", "16") and 1e-3 <= float(row["optim.lr"]) <= 1e-2
@@ -63,6 +73,17 @@ def test_an_optuna_sweep_of_three_trials_on_two_workers_marks_the_best(tmp_path,
     # the sweep is done: running it again adds no trial
     again = run_fwlab("sweep", str(tiny_sweep), cwd=tmp_path)
     assert again.returncode == 0 and len(list((sweep_dir / "trials").iterdir())) == 3
+
+
+def test_trials_at_a_time_share_the_cpus_unless_the_user_chose_their_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("fwlab.sweep.available_cpus", lambda: 16)
+    assert trial_environment(1) == {}  # one trial: all of them, as a run of its own
+    assert trial_environment(2) == {"OMP_NUM_THREADS": "8"}
+    assert trial_environment(3) == {"OMP_NUM_THREADS": "5"}
+    assert trial_environment(64) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice holds
+    assert trial_environment(2) == {}
 
 
 @pytest.mark.parametrize(
