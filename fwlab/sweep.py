@@ -82,13 +82,22 @@ class SweepSpec:
         """The search space of a grid: every parameter must be ``values`` or ``value``."""
         space = {}
         for key, spec in self.parameters.items():
-            if "values" not in spec and "value" not in spec:
+            values = listed_values(spec)
+            if values is None:
                 raise ConfigError(f"sweep {self.name}: grid parameter '{key}' needs values")
-            space[key] = list(spec["values"]) if "values" in spec else [spec["value"]]
+            space[key] = values
         return space
 
     def grid_size(self) -> int:
         return math.prod(len(values) for values in self.grid.values())
+
+
+def listed_values(parameter: dict[str, Any]) -> list[Any] | None:
+    """A parameter's values as listed (``values``, or ``value`` as the one), or ``None`` for a
+    ``min``/``max`` range."""
+    if "values" in parameter:
+        return list(parameter["values"])
+    return [parameter["value"]] if "value" in parameter else None
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -190,11 +199,10 @@ def checked_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """The parameter values whose trial configs :func:`check_trials` composes: every point of
     a grid (of at most :data:`MAX_CHECKED_POINTS`), else each parameter at each of its values,
     or at its min and max, the others at their first."""
-    candidates = {
-        key: list(p["values"]) if "values" in p else [p["value"]] if "value" in p
-        else [p["min"], p["max"]]
-        for key, p in spec.parameters.items()
-    }  # fmt: skip
+    candidates = {}
+    for key, parameter in spec.parameters.items():
+        listed = listed_values(parameter)
+        candidates[key] = [parameter["min"], parameter["max"]] if listed is None else listed
     if spec.method == "grid" and spec.grid_size() <= MAX_CHECKED_POINTS:
         return [dict(zip(candidates, point)) for point in itertools.product(*candidates.values())]
     first = {key: values[0] for key, values in candidates.items()}
