@@ -258,6 +258,15 @@ def metric_value(results: dict[str, Any], metric: str) -> float:
     return float(results["metrics"][metric])
 
 
+def published_value(results: dict[str, Any], metric: str) -> float | None:
+    """The published value of ``metric`` that a run's ``results.json`` sets beside its own (from
+    its config's ``published`` entries: :mod:`fwlab.published`), or ``None``."""
+    for comparison in results.get("published") or []:
+        if metric in comparison["metrics"]:
+            return float(comparison["metrics"][metric]["published"])
+    return None
+
+
 # -- Optuna, no server ------------------------------------------------------------------------
 class TrialFailed(Exception):
     """A trial's fwlab run exited with an error (its log names it)."""
@@ -356,7 +365,11 @@ def run_optuna(
         try:
             if status != 0:
                 raise TrialFailed(f"exit {status}: {_error_line(log_path)}")
-            return metric_value(json.loads((run_dir / "results.json").read_text()), spec.metric)
+            results = json.loads((run_dir / "results.json").read_text())
+            published = published_value(results, spec.metric)
+            if published is not None:  # the trial's config carries the paper's number for it
+                trial.set_user_attr("published", published)
+            return metric_value(results, spec.metric)
         except (TrialFailed, FwlabError) as error:  # one line here; the table marks it failed
             with lock:
                 print(f"trial {trial.number} failed ({error}); log: {log_path}", flush=True)
@@ -401,12 +414,15 @@ def results_table(spec: SweepSpec, study: Any, sweep_dir: Path) -> str:
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial.number if complete else None
     keys = list(spec.parameters)
+    # a column of the papers' numbers where trials' configs carry them (experiment presets)
+    published = any("published" in trial.user_attrs for trial in trials)
     rows = []
     for trial in trials:
         rows.append({
             "trial": trial.number,
             **{key: trial.params.get(key, spec.parameters[key].get("value")) for key in keys},
             spec.metric: trial.value,
+            **({"published": trial.user_attrs.get("published")} if published else {}),
             "state": trial.state.name.lower(),
             "best": trial.number == best,
             "run_dir": trial.user_attrs.get("run_dir", ""),
@@ -417,10 +433,11 @@ def results_table(spec: SweepSpec, study: Any, sweep_dir: Path) -> str:
         writer.writerows(rows)
     (sweep_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    header = ["", "trial", *keys, spec.metric, "state"]
+    numbers = [spec.metric, *(["published"] if published else [])]
+    header = ["", "trial", *keys, *numbers, "state"]
     body = [
         ["★" if row["best"] else "", str(row["trial"]), *(str(row[k]) for k in keys),
-         "" if row[spec.metric] is None else f"{row[spec.metric]:.4f}", row["state"]]
+         *("" if row[n] is None else f"{row[n]:.4f}" for n in numbers), row["state"]]
         for row in rows
     ]  # fmt: skip
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]

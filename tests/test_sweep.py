@@ -205,11 +205,52 @@ def test_the_wandb_sweep_config_and_agent_command_without_a_server(tmp_path, tin
     assert real.returncode == 2 and "need the W&B server" in real.stderr
 
 
-def test_a_parameter_that_picks_the_model_replaces_model():
-    spec = load_sweep(config_dir() / "sweep" / "retrieval_cells.yaml")
-    command = trial_command(spec, {"model": "irnn", "model.hidden_size": 20}, [], [])
+def test_a_parameter_that_picks_the_model_replaces_model(tmp_path):
+    path = tmp_path / "cells.yaml"
+    path.write_text(TINY.replace("parameters:", "parameters:\n  model: {values: [lstm, irnn]}"))
+    command = trial_command(load_sweep(path), {"model": "irnn", "model.hidden_size": 8}, [], [])
     assert "--model" not in command and "model=irnn" in command
     assert command[command.index("--data") + 1] == "retrieval"
+
+
+def test_trials_of_paper_presets_are_tabled_beside_the_published_numbers(tmp_path):
+    path = tmp_path / "table.yaml"
+    path.write_text(textwrap.dedent(
+        """
+        # fwlab sweep table.yaml
+        name: table
+        method: grid
+        metric: {name: test/acc, goal: maximize}
+        overrides: [logger=csv, data.train_size=64, data.val_size=32, data.test_size=32,
+                    trainer.max_epochs=1]
+        parameters:
+          experiment: {values: [retrieval_fast_weights]}
+          model.hidden_size: {values: [20]}
+        """
+    ))  # fmt: skip
+    result = run_fwlab("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "sweeps" / "table" / "results.csv") as file:
+        (row,) = list(csv.DictReader(file))
+    # Ba et al.'s fast weights at R = 20: 1.81 % test error (the preset's published entry)
+    assert float(row["published"]) == pytest.approx(0.9819)
+    assert float(row["test/acc"]) == read_results(tmp_path / row["run_dir"])["metrics"]["test/acc"]
+    table = result.stdout[result.stdout.index("   trial") :].splitlines()
+    assert table[0].split() == ["trial", "experiment", "model.hidden_size", "test/acc",
+                                "published", "state"]  # fmt: skip
+    measured = f"{float(row['test/acc']):.4f}"
+    assert table[1].split() == ["★", "0", "retrieval_fast_weights", "20", measured, "0.9819",
+                                "complete"]  # fmt: skip
+
+
+def test_published_value_reads_the_metric_a_run_set_beside_a_paper():
+    from fwlab.sweep import published_value
+
+    accuracy = {"test/acc": {"published": 0.98, "measured": 0.9}}
+    results = {"published": [{"source": "a paper", "where": {}, "metrics": accuracy}]}
+    assert published_value(results, "test/acc") == 0.98
+    assert published_value(results, "test/loss") is None
+    assert published_value({"published": []}, "test/acc") is None
 
 
 @pytest.mark.parametrize("path", sorted((config_dir() / "sweep").glob("*.yaml")), ids=str)
