@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -99,7 +100,14 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep-dir",
         help="optuna: the study and the trials' runs (default: sweeps/<name>); "
-        "rerunning with the same directory continues the sweep",
+        "rerunning with the same directory continues the sweep, trials a stop (Ctrl-C, "
+        "SIGTERM) interrupted first",
+    )
+    parser.add_argument(
+        "--no-requeue",
+        action="store_true",
+        help="optuna: leave interrupted trials to another worker (the array tasks of "
+        "fwlab slurm sweep, whose submission queued them again)",
     )
     parser.add_argument("--count", type=int, help="wandb: runs per agent")
     parser.add_argument(
@@ -130,9 +138,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if args.backend == "wandb":
         return run_wandb(spec, list(args.plugin), list(args.set), args.count, args.dry_run)
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(spec)
-    study = run_optuna(spec, sweep_dir, max(1, args.workers), list(args.plugin), list(args.set))
+    workers, plugins, extra = max(1, args.workers), list(args.plugin), list(args.set)
+    study, stopped_by = run_optuna(spec, sweep_dir, workers, plugins, extra, not args.no_requeue)
     print(results_table(spec, study, sweep_dir))
     print(f"sweep directory: {sweep_dir}  (results.csv, results.json, trials/, logs/)")
+    if stopped_by is not None:
+        print(
+            f"stopped by {signal.Signals(stopped_by).name}: rerun this command (same "
+            "--sweep-dir) to run the interrupted trials again and the rest"
+        )
+        return 128 + stopped_by  # the shell's status for a command a signal ended
     return 0 if completed(study) else 1  # every trial failed: the sweep did not run
 
 

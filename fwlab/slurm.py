@@ -224,14 +224,16 @@ def write_sweep_job(
 ) -> int:
     """``fwlab slurm sweep FILE --array K``: K array tasks, each a sweep worker running one
     trial at a time on one device: Optuna workers joining the study in ``sweep_dir`` (a shared
-    file system), or W&B agents of a sweep created now. A worker's trials are not requeued:
-    a trial cut off by the time limit fails, and the others go on."""
+    file system), or W&B agents of a sweep created now. A worker's trials are not requeued
+    by SLURM: a trial cut off by the time limit (SIGTERM) is recorded as interrupted, and
+    submitting the sweep again queues it again, here, once for all the workers."""
     from fwlab.sweep import (
         check_trials,
         create_wandb_sweep,
         default_sweep_dir,
         load_sweep,
         open_study,
+        requeue_interrupted,
         wandb_agent_command,
         wandb_sweep_config,
     )
@@ -253,9 +255,12 @@ def write_sweep_job(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     options = dataclasses.replace(options, signal_seconds=None)  # trials are not requeued
     if backend == "optuna":
-        open_study(spec, sweep_dir)  # the study exists before the first task starts
+        study = open_study(spec, sweep_dir)  # the study exists before the first task starts
+        requeued = requeue_interrupted(study)
+        if requeued:
+            print(f"queued again:    {requeued} interrupted trial(s)")
         arguments = ["sweep", str(Path(sweep_file).resolve()), "--backend", "optuna"]
-        arguments += ["--workers", "1", "--sweep-dir", str(sweep_dir.resolve())]
+        arguments += ["--workers", "1", "--no-requeue", "--sweep-dir", str(sweep_dir.resolve())]
         for plugin in plugins:
             arguments += ["--plugin", plugin]
         for override in extra:

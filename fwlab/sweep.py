@@ -51,6 +51,7 @@ from typing import Any
 
 from fwlab.config import load_yaml
 from fwlab.errors import ConfigError, FwlabError
+from fwlab.stop_request import StopRequest
 
 METHODS = ("grid", "random", "bayes")
 GOALS = {"maximize": "maximize", "minimize": "minimize"}
@@ -272,6 +273,13 @@ class TrialFailed(Exception):
     """A trial's fwlab run exited with an error (its log names it)."""
 
 
+class TrialInterrupted(Exception):
+    """The sweep was stopped while the trial ran, or before it started (Ctrl-C, SIGTERM)."""
+
+
+INTERRUPTED = "interrupted"  # the user attribute that marks such a trial
+
+
 def _sampler(spec: SweepSpec) -> Any:
     import optuna
 
@@ -336,18 +344,29 @@ def trial_environment(workers: int) -> dict[str, str]:
 
 
 def run_optuna(
-    spec: SweepSpec, sweep_dir: Path, workers: int, plugins: list[str], extra: list[str]
-) -> Any:
-    """Run trials until the sweep has ``spec.trials`` (grid: the grid) finished trials, at most
-    ``workers`` at a time, sharing the CPUs (:func:`trial_environment`)."""
+    spec: SweepSpec,
+    sweep_dir: Path,
+    workers: int,
+    plugins: list[str],
+    extra: list[str],
+    requeue: bool = True,
+) -> tuple[Any, int | None]:
+    """Run trials until the sweep has ``spec.trials`` (grid: the grid) done trials, at most
+    ``workers`` at a time, sharing the CPUs (:func:`trial_environment`); returns the study and
+    the signal that stopped the sweep, if one did (:mod:`fwlab.stop_request`). Trials a stop
+    interrupted are not done: ``requeue`` runs their parameters again first (a SLURM array's
+    workers leave that to ``fwlab slurm sweep``, so that they do not each queue them)."""
     import optuna
 
     study = open_study(spec, sweep_dir)
     total = spec.grid_size() if spec.method == "grid" else int(spec.trials or 0)
     if spec.method == "grid" and spec.trials:
         total = min(total, int(spec.trials))
+    if requeue:
+        requeue_interrupted(study)
     lock = threading.Lock()
     shared_cpus = trial_environment(workers)
+    stop = StopRequest()
 
     def objective(trial: optuna.Trial) -> float:
         values = {key: _suggest(trial, key, p) for key, p in spec.parameters.items()}
@@ -355,13 +374,20 @@ def run_optuna(
         command = trial_command(spec, values, plugins, extra)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("command", shlex.join(command))
-        with lock:
-            print(f"trial {trial.number}: {_describe(values)}", flush=True)
-        env = {**os.environ, **shared_cpus, "FWLAB_RUN_DIR": str(run_dir.resolve())}
-        log_path = sweep_dir / "logs" / f"trial-{trial.number:04d}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
-            status = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        started = stop.signal is None
+        if started:
+            with lock:
+                print(f"trial {trial.number}: {_describe(values)}", flush=True)
+            env = {**os.environ, **shared_cpus, "FWLAB_RUN_DIR": str(run_dir.resolve())}
+            log_path = sweep_dir / "logs" / f"trial-{trial.number:04d}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as log:
+                status = stop.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if stop.signal is not None:
+            trial.study.stop()  # no new trial; one that ended well as it came stays complete
+            if not started or status != 0:  # stopped, or never started: run again on a rerun
+                trial.set_user_attr(INTERRUPTED, True)
+                raise TrialInterrupted(f"trial {trial.number}")
         try:
             if status != 0:
                 raise TrialFailed(f"exit {status}: {_error_line(log_path)}")
@@ -375,20 +401,54 @@ def run_optuna(
                 print(f"trial {trial.number} failed ({error}); log: {log_path}", flush=True)
             raise
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    remaining = total - len(study.get_trials(states=finished))
+    def stop_when_all_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if done(study) >= total:
+            study.stop()
+
+    remaining = total - done(study)
     if remaining > 0 and shared_cpus:
         threads = shared_cpus["OMP_NUM_THREADS"]
         print(f"{workers} trials at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS)")
     if remaining > 0:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            n_jobs=workers,
-            catch=(TrialFailed, FwlabError),
-            callbacks=[optuna.study.MaxTrialsCallback(total, states=finished)],
-        )
-    return study
+        with stop.on_signals():
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                n_jobs=workers,
+                catch=(TrialFailed, FwlabError, TrialInterrupted),
+                callbacks=[stop_when_all_done],
+            )
+    return study, stop.signal
+
+
+def interrupted(trial: Any) -> bool:
+    """Whether a stop of the sweep interrupted ``trial`` (or came before it started)."""
+    return bool(trial.user_attrs.get(INTERRUPTED))
+
+
+def done(study: Any) -> int:
+    """The trials that count towards the sweep's total: those that completed or failed, not
+    those a stop interrupted."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return sum(not interrupted(t) for t in study.get_trials(deepcopy=False, states=states))
+
+
+def requeue_interrupted(study: Any) -> int:
+    """Queue the parameters of every interrupted trial again, unless a trial that is not an
+    interrupted one has them (done, running, or queued: a queued trial's are its
+    ``fixed_params``); returns how many were queued. Optuna takes queued trials first."""
+    trials = study.get_trials(deepcopy=False)
+    taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials
+             if not interrupted(t)]  # fmt: skip
+    queued = 0
+    for trial in trials:
+        if interrupted(trial) and trial.params and trial.params not in taken:
+            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+            taken.append(trial.params)
+            queued += 1
+    return queued
 
 
 def _error_line(log_path: Path) -> str:
@@ -423,7 +483,7 @@ def results_table(spec: SweepSpec, study: Any, sweep_dir: Path) -> str:
             **{key: trial.params.get(key, spec.parameters[key].get("value")) for key in keys},
             spec.metric: trial.value,
             **({"published": trial.user_attrs.get("published")} if published else {}),
-            "state": trial.state.name.lower(),
+            "state": INTERRUPTED if interrupted(trial) else trial.state.name.lower(),
             "best": trial.number == best,
             "run_dir": trial.user_attrs.get("run_dir", ""),
         })  # fmt: skip

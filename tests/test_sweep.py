@@ -7,16 +7,23 @@ import csv
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
+import optuna
 import pytest
 
 from fwlab.config import config_dir
 from fwlab.errors import ConfigError
 from fwlab.sweep import (
+    INTERRUPTED,
     available_cpus,
     check_trials,
     load_sweep,
+    open_study,
     trial_command,
     trial_environment,
     wandb_sweep_config,
@@ -84,6 +91,63 @@ def test_trials_at_a_time_share_the_cpus_unless_the_user_chose_their_threads(mon
     assert trial_environment(64) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice holds
     assert trial_environment(2) == {}
+
+
+def test_ctrl_c_stops_a_sweep_and_a_rerun_runs_the_interrupted_trial_again(tmp_path):
+    """Ctrl-C printed a traceback and left the running trial failed: a rerun never ran it."""
+    path = tmp_path / "grid.yaml"
+    grid, lr = TINY.replace("method: random", "method: grid"), TINY.splitlines()[-1]
+    path.write_text(grid.replace("trials: 3", "").replace(lr, "").replace("epochs=2", "epochs=1"))
+    command = [sys.executable, "-m", "fwlab", "sweep", str(path)]
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=fwlab_env(tmp_path), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)  # fmt: skip
+    first_log = tmp_path / "sweeps" / "tiny" / "logs" / "trial-0000.log"
+    deadline = time.monotonic() + 120
+    while not first_log.exists() and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sweep.poll() is None, sweep.communicate()
+    os.killpg(sweep.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    stdout, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped by SIGINT: rerun this command" in stdout
+    with open(tmp_path / "sweeps" / "tiny" / "results.csv") as file:
+        assert [row["state"] for row in csv.DictReader(file)] == ["interrupted"]
+
+    rerun = run_fwlab("sweep", str(path), "--workers", "2", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    with open(tmp_path / "sweeps" / "tiny" / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["state"] for row in rows] == ["interrupted", "complete", "complete"]
+    assert rows[1]["model.hidden_size"] == rows[0]["model.hidden_size"]  # the stopped one first
+    assert {rows[1]["model.hidden_size"], rows[2]["model.hidden_size"]} == {"8", "16"}  # the grid
+
+
+def test_interrupted_trials_are_queued_again_once_and_do_not_count_as_done():
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from fwlab.sweep import done, requeue_interrupted
+
+    study = optuna.create_study()
+    space = {"model.hidden_size": CategoricalDistribution([8, 16, 32])}
+    for size, state, stopped in [
+        (8, TrialState.COMPLETE, False),
+        (32, TrialState.FAIL, False),  # failed as it ran: done, and not run again
+        (16, TrialState.FAIL, True),
+        (8, TrialState.FAIL, True),  # stopped, but trial 0 has its parameters
+    ]:
+        study.add_trial(create_trial(
+            params={"model.hidden_size": size}, distributions=space, state=state,
+            value=0.5 if state == TrialState.COMPLETE else None,
+            user_attrs={INTERRUPTED: True} if stopped else {},
+        ))  # fmt: skip
+    assert done(study) == 2
+    assert requeue_interrupted(study) == 1
+    assert requeue_interrupted(study) == 0  # queued already: not twice
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == {"model.hidden_size": 16}
+    assert queued.user_attrs["rerun_of"] == 2
 
 
 @pytest.mark.parametrize(
@@ -266,14 +330,26 @@ def test_slurm_array_workers_join_one_study(tmp_path, tiny_sweep):
                      'echo "Submitted batch job 77"\n')  # fmt: skip
     env = fwlab_env(tmp_path)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    # an earlier array's trial that its time limit stopped
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    study = open_study(load_sweep(tiny_sweep), sweep_dir)
+    trial = study.ask()
+    trial.suggest_categorical("model.hidden_size", [8, 16])
+    trial.set_user_attr(INTERRUPTED, True)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
     result = run_fwlab("slurm", "sweep", str(tiny_sweep), "--array", "4", "--submit",
                        cwd=tmp_path, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    sweep_dir = tmp_path / "sweeps" / "tiny"
     script = (sweep_dir / "slurm-optuna.sbatch").read_text()
     assert "#SBATCH --array=0-3" in script and "#SBATCH --ntasks-per-node=1" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert f"--sweep-dir {sweep_dir.resolve()}" in srun and "--workers 1" in srun
+    # queued again once, here, not by each of the 4 workers as it starts
+    assert "queued again:    1 interrupted trial(s)" in result.stdout and "--no-requeue" in srun
+    waiting = open_study(load_sweep(tiny_sweep), sweep_dir).get_trials(
+        states=(optuna.trial.TrialState.WAITING,)
+    )
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [trial.params]
     assert "--set=trainer.devices=1" in srun
     assert (sweep_dir / "optuna.journal").is_file()  # the study exists before the array starts
     assert "job 77" in result.stdout
