@@ -273,3 +273,32 @@ def test_the_divergence_check_names_the_best_checkpoint_from_before_it():
     check.on_validation_end(trainer, None)
     assert check.diverged == ("val/loss", float("inf"), 20) and trainer.should_stop
     assert check.best_before == "best-step10.ckpt"
+
+
+# A datamodule whose loading is cut short by a real SIGINT, as Ctrl-C gives it
+INTERRUPTED_PLUGIN = """
+import os, signal
+
+from fwlab import register
+from fwlab_plugins.data.retrieval import AssociativeRetrievalDataModule
+
+
+@register("data", "interrupted_retrieval")
+class InterruptedRetrieval(AssociativeRetrievalDataModule):
+    \"\"\"Retrieval whose user presses Ctrl-C while it loads.\"\"\"
+
+    def setup(self, stage=None):
+        os.kill(os.getpid(), signal.SIGINT)
+        super().setup(stage)
+"""
+
+
+def test_ctrl_c_while_the_data_loads_is_one_line_not_a_traceback(tmp_path):
+    plugin = tmp_path / "interrupted.py"
+    plugin.write_text(INTERRUPTED_PLUGIN)
+    result = run_fwlab("fit", "--plugin", str(plugin), "--model", "lstm", "--data",
+                       "interrupted_retrieval", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines()[-1] == "fwlab: interrupted"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # it stopped before the run directory
