@@ -259,8 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FwlabError as error:
         print(f"fwlab: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C outside Lightning's own handling (loading the data, ...)
-        print("fwlab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (a RunInterrupted says how to continue)
+        detail = f" {interrupt}" if str(interrupt) else ""
+        print(f"fwlab: interrupted{detail}", file=sys.stderr)
         return 128 + signal.SIGINT  # the shell's status for a command SIGINT ended
 
 

@@ -16,3 +16,8 @@ class ConfigError(FwlabError, ValueError):
 
 class IncompatibleError(FwlabError):
     """A model and a datamodule that cannot be trained together."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where it stopped and how to continue it. Reported
+    as ``fwlab: interrupted ...``, exit status 130, as any Ctrl-C fwlab sees."""

@@ -27,7 +27,7 @@ from fwlab.config import (
     to_plain,
     to_yaml,
 )
-from fwlab.errors import ConfigError, FwlabError
+from fwlab.errors import ConfigError, FwlabError, RunInterrupted
 from fwlab.loggers import WANDB_ID_FILE, check_logger, make_logger
 from fwlab.objective import objective_of
 from fwlab.published import compare, summary_lines
@@ -354,6 +354,16 @@ def _clearer_fit_error(error: ValueError, run_dir: Path) -> Exception:
     )
 
 
+def _interrupted_fit(step: int, run_dir: Path) -> RunInterrupted:
+    """What to tell of a fit Ctrl-C stopped: where, and how to continue it (from the newest
+    checkpoint, ``last.ckpt`` of the last validation, which ``--resume`` takes)."""
+    where = f"at step {step}; its files are in {run_dir}"
+    newest = _newest_checkpoint(run_dir)
+    if newest is None:
+        return RunInterrupted(f"{where}, with no checkpoint yet (the first validation writes one)")
+    return RunInterrupted(f"{where}; continue from {newest.name}: fwlab fit --resume {run_dir}")
+
+
 def _diverged_error(diverged: tuple[str, float, int], best: str, run_dir: Path) -> FwlabError:
     """What to tell of a fit :class:`StopWhenDiverged` stopped."""
     name, value, step = diverged
@@ -422,6 +432,10 @@ def _train_and_evaluate(
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
         except ValueError as error:
             raise _clearer_fit_error(error, run_dir) from None
+        except SystemExit:
+            if trainer.interrupted:  # Lightning's graceful stop on Ctrl-C ends in sys.exit(1)
+                raise _interrupted_fit(trainer.global_step, run_dir) from None
+            raise
         if diverged.diverged is not None:
             raise _diverged_error(diverged.diverged, diverged.best_before, run_dir)
         # (for a callback without a monitor, Lightning's "best" is the newest)

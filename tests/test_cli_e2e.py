@@ -275,30 +275,70 @@ def test_the_divergence_check_names_the_best_checkpoint_from_before_it():
     assert check.best_before == "best-step10.ckpt"
 
 
-# A datamodule whose loading is cut short by a real SIGINT, as Ctrl-C gives it
+# Datamodules whose user presses Ctrl-C (a real SIGINT) as they load, or as the second epoch
+# of training reads its first example
 INTERRUPTED_PLUGIN = """
 import os, signal
+
+from torch.utils.data import Dataset
 
 from fwlab import register
 from fwlab_plugins.data.retrieval import AssociativeRetrievalDataModule
 
 
-@register("data", "interrupted_retrieval")
-class InterruptedRetrieval(AssociativeRetrievalDataModule):
-    \"\"\"Retrieval whose user presses Ctrl-C while it loads.\"\"\"
+@register("data", "interrupted_loading")
+class InterruptedLoading(AssociativeRetrievalDataModule):
+    \"\"\"Retrieval interrupted as it loads.\"\"\"
 
     def setup(self, stage=None):
         os.kill(os.getpid(), signal.SIGINT)
         super().setup(stage)
+
+
+class InterruptedAt(Dataset):
+    def __init__(self, dataset, at):
+        self.dataset, self.at, self.read = dataset, at, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.read += 1
+        if self.read == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.dataset[index]
+
+
+@register("data", "interrupted_training")
+class InterruptedTraining(AssociativeRetrievalDataModule):
+    \"\"\"Retrieval interrupted in the second epoch, after a validation wrote last.ckpt.\"\"\"
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        train = self.datasets["train"]
+        if not isinstance(train, InterruptedAt):
+            self.datasets["train"] = InterruptedAt(train, at=len(train) + 1)
 """
 
 
-def test_ctrl_c_while_the_data_loads_is_one_line_not_a_traceback(tmp_path):
+def test_ctrl_c_is_one_line_and_says_how_to_continue_a_fit(tmp_path):
     plugin = tmp_path / "interrupted.py"
     plugin.write_text(INTERRUPTED_PLUGIN)
-    result = run_fwlab("fit", "--plugin", str(plugin), "--model", "lstm", "--data",
-                       "interrupted_retrieval", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 130
-    assert result.stderr.strip().splitlines()[-1] == "fwlab: interrupted"
-    assert "Traceback" not in result.stderr
+    loading = run_fwlab("fit", "--plugin", str(plugin), "--model", "lstm", "--data",
+                        "interrupted_loading", cwd=tmp_path)  # fmt: skip
+    assert loading.returncode == 130 and "Traceback" not in loading.stderr
+    assert loading.stderr.strip().splitlines()[-1] == "fwlab: interrupted"
     assert not (tmp_path / "runs").exists()  # it stopped before the run directory
+
+    # in training: Lightning's graceful stop, then where it stopped and how to continue
+    training = run_fwlab("fit", "--plugin", str(plugin), "--model", "lstm", "--data",
+                         "interrupted_training", "data.train_size=256", "data.batch_size=64",
+                         *SMALL[1:], "trainer.max_epochs=3", "logger=csv",
+                         cwd=tmp_path)  # fmt: skip
+    assert training.returncode == 130 and "Traceback" not in training.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert training.stderr.strip().splitlines()[-1] == (
+        f"fwlab: interrupted at step 4; its files are in {run_dir.relative_to(tmp_path)}; "
+        f"continue from last.ckpt: fwlab fit --resume {run_dir.relative_to(tmp_path)}"
+    )
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
